@@ -1,0 +1,44 @@
+"""Shared test set-up: persistent compile cache, absl flags for grain, real-data fixtures.
+
+Real data is found through environment variables that `.ci/run` sets:
+`JAXDESENS_ATT_DIR` (AT&T faces) and `JAXDESENS_LFW_PAIRS` (LFW pairs.txt). A test that needs
+them fails when the variable is set but the data is missing, and is skipped only where the
+variable is not set at all (a machine without the shared data).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+from absl import flags
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags; pytest never parses them
+
+_CACHE = os.environ.get("JAXDESENS_TEST_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _shared_path(variable: str) -> Path:
+    value = os.environ.get(variable)
+    if not value:
+        pytest.skip(f"{variable} is not set (real data not available on this machine)")
+    path = Path(value)
+    if not path.exists():
+        pytest.fail(f"{variable}={value} is set but does not exist")
+    return path
+
+
+@pytest.fixture(scope="session")
+def att_dir() -> Path:
+    """The AT&T faces folder (s1..s40, 10 PGM images each)."""
+    return _shared_path("JAXDESENS_ATT_DIR")
+
+
+@pytest.fixture(scope="session")
+def lfw_pairs_path() -> Path:
+    """The real LFW View 2 pairs.txt."""
+    return _shared_path("JAXDESENS_LFW_PAIRS")
