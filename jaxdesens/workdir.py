@@ -1,0 +1,128 @@
+"""A resumable work directory: the run's identity, its checkpoints and its metrics.
+
+Layout of a workdir:
+  run.json         config, data and mask fingerprints (a resume must match them)
+  checkpoints/     Orbax CheckpointManager (atomic: written to a temporary name, then renamed)
+  metrics.jsonl    one JSON line per logged step (TensorBoard events in tb/ with tensorboardX)
+  eval.json        the final held-out verification
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxdesens.config import TrainConfig, config_differences
+
+
+class ResumeError(RuntimeError):
+    """The workdir holds a run that is not this one; resuming would mix two experiments."""
+
+
+def write_json_atomic(path: Path, values: Any) -> None:
+    """Writes JSON to a temporary file in the same folder, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(values, f, indent=2, sort_keys=True, default=_to_builtin)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _to_builtin(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path, keep: int = 2):
+        self.path = Path(path).resolve()
+        self.keep = keep
+        self._manager: ocp.CheckpointManager | None = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True)
+            self._manager = ocp.CheckpointManager(self.path / "checkpoints", options=options)
+        return self._manager
+
+    def claim(self, config: TrainConfig, **identity: Any) -> None:
+        """Records what this run is, or refuses if the workdir already holds a different run."""
+        self.keep = config.keep_checkpoints
+        record = {"config": config.to_json(), **identity}
+        stored_path = self.path / "run.json"
+        if stored_path.exists():
+            stored = json.loads(stored_path.read_text())
+            diffs = config_differences(stored.get("config", {}), record["config"], ignore=TrainConfig.RESUMABLE_FIELDS)
+            diffs += config_differences({k: v for k, v in stored.items() if k != "config"},
+                                        {k: v for k, v in record.items() if k != "config"})
+            if diffs:
+                raise ResumeError(f"{self.path} holds a different run; use a new --workdir or the original "
+                                  "settings. Differences (stored -> now):\n  " + "\n  ".join(diffs))
+        write_json_atomic(stored_path, record)
+
+    def restore_or(self, state: Any) -> Any:
+        """The latest checkpoint restored into `state`'s structure, or `state` itself."""
+        step = self.manager.latest_step()
+        if step is None:
+            return state
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def write_json(self, name: str, values: Any) -> None:
+        write_json_atomic(self.path / name, values)
+
+
+class MetricsLog:
+    """JSON lines (and TensorBoard events when tensorboardX is installed) of training metrics.
+
+    On resume, lines after the restored step are dropped: they came from steps that the
+    checkpoint does not contain and will be run (and logged) again.
+    """
+
+    def __init__(self, workdir: Path, start_step: int = 0):
+        self.path = workdir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+        self._tb = None
+        if jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None)
+            except ImportError:
+                pass
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
