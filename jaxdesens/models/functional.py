@@ -63,8 +63,8 @@ def conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 
 
 def max_pool(x: jax.Array) -> jax.Array:
-    neg_inf = jnp.array(-jnp.inf, x.dtype)
-    return lax.reduce_window(x, neg_inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # A Python scalar init value keeps reduce_window differentiable under jit.
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 class PlainOps:

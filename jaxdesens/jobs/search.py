@@ -1,0 +1,194 @@
+"""The mask-search job: checkpoint + data -> EBP template -> Algorithm 1 -> mask, table, figures.
+
+Output folder:
+  mean_saliency.{npy,png}, template.{npy,png}, template_thresholds.png   (Formula 4, Fig. 10)
+  mask.{png,npy}          the best mask (1/255 = visible)
+  candidates.json         every candidate: objective, CE, ratio, RMG hyper-parameters
+  top_masks.png           the best candidates and faces under them (Fig. 6)
+  summary.json            settings, best objective/CE/ratio, masks/s, verification comparison
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdesens import figures
+from jaxdesens.data import DataError, IdentitySet, split_identities
+from jaxdesens.masks import freeform, levels
+from jaxdesens.masks.io import save_mask
+from jaxdesens.models.functional import fold_batchnorm
+from jaxdesens.recognizer import Recognizer, load_recognizer
+from jaxdesens.saliency.template import mean_saliency, save_template_figure, threshold_template
+from jaxdesens.search import SearchConfig, candidate_masks, search_mask, table_rows
+from jaxdesens.workdir import write_json_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchJob:
+    checkpoint: str = ""
+    out: str = ""
+    data: str | None = None
+    n: int = 2000
+    T: float = 0.5
+    K: int = 64
+    gamma: float | None = None
+    min_ratio: float = 0.6
+    batch_images: int = 32
+    chunk: int = 0
+    seed: int = 0
+    saliency_layer: str = "layer1"
+    contrast_layer: str = "layer4"
+    contrastive: bool = True
+    without_ebp: bool = False
+    level: int = -1
+    bf16: bool = False
+    evaluate: bool = True
+    random_repeats: int = 5
+
+    def __post_init__(self):
+        if not self.checkpoint or not self.out:
+            raise ValueError("--checkpoint and --out are required")
+        if not -1 <= self.level < len(levels.LEVELS):
+            raise ValueError(f"--level must be -1 (free-form candidates) or 0..{len(levels.LEVELS) - 1}, got {self.level}")
+        if self.K < 1:
+            raise ValueError(f"--K must be >= 1, got {self.K}")
+
+
+def default_gamma(num_classes: int) -> float:
+    """ln(C): the cross-entropy of a chance-level prediction, so hiding the whole image (ratio 1)
+    is worth about as much as the recognition it can cost; this puts both terms on one scale."""
+    return float(np.log(num_classes))
+
+
+def balanced_sample(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `count` images, cycling over identities so each appears as evenly as possible."""
+    order = rng.permutation(len(labels))
+    rank = np.zeros(len(labels), np.int64)
+    seen: dict[int, int] = {}
+    for i in order:
+        rank[i] = seen.get(int(labels[i]), 0)
+        seen[int(labels[i])] = rank[i] + 1
+    by_rank = order[np.argsort(rank[order], kind="stable")]
+    return np.sort(by_rank[:min(count, len(labels))])
+
+
+def search_data(recognizer: Recognizer, data: str | None) -> tuple[IdentitySet, IdentitySet]:
+    """The recognizer's own training identities (labels match its head) and its held-out ones."""
+    from jaxdesens.train import load_data
+
+    config = recognizer.config if data is None else dataclasses.replace(recognizer.config, data=data)
+    dataset = load_data(config)
+    train_set, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
+    classes = recognizer.variables["params"]["head"]["kernel"].shape[-1]
+    if train_set.num_classes != classes:
+        raise DataError(f"{dataset.source}: gives {train_set.num_classes} training identities but the checkpoint's "
+                        f"head has {classes}; pass the --data the checkpoint was trained on")
+    return train_set, held_out
+
+
+def same_ratio_random_masks(ratio: float, shape: tuple[int, int], count: int, seed: int,
+                            ranges: freeform.StrokeRanges) -> np.ndarray:
+    """Free-form masks (strokes visible, no template) whose ratio is closest to `ratio`."""
+    strokes = np.asarray(freeform.random_strokes(jax.random.key(seed + 7919), 2048, *shape, ranges))
+    ratios = 1.0 - strokes.mean(axis=(1, 2))
+    return strokes[np.argsort(np.abs(ratios - ratio))[:count]]
+
+
+def verification_comparison(recognizer: Recognizer, held_out: IdentitySet, best_mask: np.ndarray,
+                            random_masks: np.ndarray) -> dict[str, Any]:
+    """Clean-model verification on held-out identities: clean, under the searched mask, and under
+    random masks of the same ratio drawn without the template."""
+    from jaxdesens.evaluation import pair_accuracy
+    from jaxdesens.metrics.verification import generate_pairs
+
+    pairs = generate_pairs(held_out.labels, None, seed=0, n_folds=10)
+    runs = [pair_accuracy(recognizer, held_out.images, pairs, m)["accuracy"] for m in random_masks]
+    return {
+        "clean": pair_accuracy(recognizer, held_out.images, pairs)["accuracy"],
+        "searched_mask": pair_accuracy(recognizer, held_out.images, pairs, best_mask)["accuracy"],
+        "random_same_ratio_mean": float(np.mean(runs)), "random_same_ratio_std": float(np.std(runs)),
+        "random_same_ratio_ratios": [float(1 - m.mean()) for m in random_masks],
+        "pairs": int(len(pairs.issame)),
+    }
+
+
+def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recognizer = load_recognizer(job.checkpoint)
+    if recognizer.model.fsm_after is not None:
+        raise ValueError(f"{job.checkpoint}: an FSM model; Algorithm 1 scores masks with a clean model "
+                         "(train one with --model=resnet)")
+    train_set, held_out = search_data(recognizer, job.data)
+    rng = np.random.default_rng(job.seed)
+    template_idx = balanced_sample(train_set.labels, job.K, rng)
+    score_idx = balanced_sample(train_set.labels, job.batch_images, rng)
+    depth = recognizer.config.depth
+    size = train_set.image_shape[:2]
+
+    folded32 = fold_batchnorm(recognizer.variables, depth)
+    mean_map = mean_saliency(folded32, train_set.images[template_idx], train_set.labels[template_idx],
+                             saliency_layer=job.saliency_layer, contrast_layer=job.contrast_layer,
+                             contrastive=job.contrastive)
+    template = np.zeros(size, np.float32) if job.without_ebp else threshold_template(mean_map, job.T)
+    np.save(out / "mean_saliency.npy", mean_map)
+    figures.save_grid(out / "mean_saliency.png", [[mean_map]], scale=3)
+    save_mask(out / "template", template)
+    save_template_figure(out / "template_thresholds.png", mean_map, example=train_set.images[template_idx[0]])
+    log(f"template: K={len(template_idx)} images, T={job.T}: keeps {template.mean():.1%} of the pixels"
+        + (" (ignored: --without_ebp)" if job.without_ebp else ""))
+
+    gamma = default_gamma(train_set.num_classes) if job.gamma is None else job.gamma
+    config = SearchConfig(n=job.n, gamma=gamma, min_ratio=job.min_ratio, batch_images=len(score_idx), chunk=job.chunk, seed=job.seed)
+    candidates = None
+    if job.level >= 0:
+        candidates = levels.masks_at_level(jax.random.key(job.seed), job.level, job.n, *size)
+        log(f"baseline (Section 4.2): {job.n} candidates from hole-ratio level {levels.LEVELS[job.level]}")
+    folded = fold_batchnorm(recognizer.variables, depth, jnp.bfloat16 if job.bf16 else jnp.float32)
+    bar = tqdm(total=job.n, disable=not progress, unit="mask", desc="scoring", dynamic_ncols=True)
+
+    def on_chunk(done: int, rate: float) -> None:
+        bar.update(done)
+        bar.set_postfix(masks_s=f"{rate:.0f}")
+
+    result = search_mask(folded, train_set.images[score_idx], train_set.labels[score_idx], template, config,
+                         candidates, on_chunk)
+    bar.close()
+    save_mask(out / "mask", result.best_mask)
+    rows = table_rows(result)
+    write_json_atomic(out / "candidates.json", rows)
+
+    top = [r["index"] for r in rows[:8]]
+    top_masks = candidates[top] if candidates is not None else candidate_masks(template, np.asarray(top), config)
+    faces = train_set.images[score_idx[:3]].astype(np.float32) / 255.0
+    grid = [[template if not job.without_ebp else np.ones(size), *faces]]
+    grid += [[m, *(faces * m[None, :, :, None])] for m in top_masks]
+    figures.save_grid(out / "top_masks.png", grid, labels=["mask", "face 1", "face 2", "face 3"])
+
+    summary: dict[str, Any] = {"settings": dataclasses.asdict(job), "gamma": gamma, "best_index": result.best_index, **result.best(),
+                               "template_kept": float(template.mean()), "masks_per_s": result.masks_per_s,
+                               "seconds": result.seconds, "device": jax.devices()[0].device_kind,
+                               "scoring_images": len(score_idx), "template_images": len(template_idx)}
+    log(f"best mask #{result.best_index}: objective {summary['objective']:.4f}, CE {summary['ce']:.4f}, "
+        f"ratio {summary['ratio']:.3f}; scored {job.n} candidates at {result.masks_per_s:.0f} masks/s")
+    if job.evaluate:
+        random_masks = same_ratio_random_masks(summary["ratio"], size, job.random_repeats, job.seed, config.ranges)
+        summary["verification"] = verification_comparison(recognizer, held_out, result.best_mask, random_masks)
+        v = summary["verification"]
+        log(f"clean model, held-out verification: clean {v['clean']:.4f}, searched mask {v['searched_mask']:.4f}, "
+            f"random same-ratio masks {v['random_same_ratio_mean']:.4f} +- {v['random_same_ratio_std']:.4f}")
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def load_summary(out: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "summary.json").read_text())
