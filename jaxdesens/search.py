@@ -164,8 +164,8 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
         if on_chunk is not None:
             on_chunk(valid, valid / max(time.perf_counter() - t0, 1e-9))
     if best[1] < 0:
-        raise ValueError(f"no candidate hides at least --min_ratio={config.min_ratio}; lower it, raise --T's "
-                         "threshold (a smaller template) or draw thinner strokes")
+        raise ValueError(f"no candidate hides at least --min_ratio={config.min_ratio}; lower it, use a smaller "
+                         "template (a higher --T) or draw more candidates")
     table = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     total = time.perf_counter() - start_time
     return SearchResult(best[2].astype(np.float32), best[1], table, masks_per_s=n / max(scoring_seconds, 1e-9),

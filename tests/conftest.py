@@ -42,3 +42,17 @@ def att_dir() -> Path:
 def lfw_pairs_path() -> Path:
     """The real LFW View 2 pairs.txt."""
     return _shared_path("JAXDESENS_LFW_PAIRS")
+
+
+@pytest.fixture(scope="session")
+def att_clean_workdir(att_dir, tmp_path_factory) -> Path:
+    """A clean ResNet-18 (width 0.25, 48 px) trained briefly on AT&T, shared by the search,
+    evaluation and export tests."""
+    from jaxdesens.config import TrainConfig
+    from jaxdesens.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("att_clean")
+    config = TrainConfig(model="resnet", data=str(att_dir), steps=240, width=0.25, image_size=48, batch_size=50,
+                         lr=0.1, log_every=60, checkpoint_every=240)
+    train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
+    return workdir

@@ -43,7 +43,7 @@ class SearchJob:
     batch_images: int = 32
     chunk: int = 0
     seed: int = 0
-    saliency_layer: str = "layer1"
+    saliency_layer: str = "layer2"
     contrast_layer: str = "layer4"
     contrastive: bool = True
     without_ebp: bool = False
@@ -146,6 +146,11 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     save_template_figure(out / "template_thresholds.png", mean_map, example=train_set.images[template_idx[0]])
     log(f"template: K={len(template_idx)} images, T={job.T}: keeps {template.mean():.1%} of the pixels"
         + (" (ignored: --without_ebp)" if job.without_ebp else ""))
+    if 1.0 - template.mean() < job.min_ratio:
+        kept = {t: f"{(mean_map > t).mean():.0%}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
+        raise ValueError(f"the template at --T={job.T} keeps {template.mean():.0%} of the pixels, so no candidate "
+                         f"can hide --min_ratio={job.min_ratio}; raise --T (pixels kept by T: {kept}) "
+                         "or lower --min_ratio")
 
     gamma = default_gamma(train_set.num_classes) if job.gamma is None else job.gamma
     config = SearchConfig(n=job.n, gamma=gamma, min_ratio=job.min_ratio, batch_images=len(score_idx), chunk=job.chunk, seed=job.seed)

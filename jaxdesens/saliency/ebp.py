@@ -171,7 +171,7 @@ def _channel_map(signal: jax.Array) -> jax.Array:
     return jnp.sum(signal.astype(jnp.float32), axis=-1)
 
 
-def excitation_signal(folded: Folded, images: jax.Array, targets: jax.Array, *, saliency_layer: str = "layer1",
+def excitation_signal(folded: Folded, images: jax.Array, targets: jax.Array, *, saliency_layer: str = "layer2",
                       contrast_layer: str = "layer4", contrastive: bool = True,
                       shortcut: str = "area") -> jax.Array:
     """EBP signal summed over channels at `saliency_layer`: `(N, h, w)`, unclamped.
@@ -219,7 +219,7 @@ def to_saliency_map(signal: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("saliency_layer", "contrast_layer", "contrastive", "shortcut"))
-def saliency_maps(folded: Folded, images: jax.Array, targets: jax.Array, *, saliency_layer: str = "layer1",
+def saliency_maps(folded: Folded, images: jax.Array, targets: jax.Array, *, saliency_layer: str = "layer2",
                   contrast_layer: str = "layer4", contrastive: bool = True, shortcut: str = "area") -> jax.Array:
     """Per-image EBP saliency `(N, H, W)` in [0, 1] for each image's own target class."""
     signal = excitation_signal(folded, images, targets, saliency_layer=saliency_layer,

@@ -17,7 +17,7 @@ from jaxdesens.saliency.ebp import saliency_maps
 
 
 def mean_saliency(folded: Folded, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 64,
-                  saliency_layer: str = "layer1", contrast_layer: str = "layer4",
+                  saliency_layer: str = "layer2", contrast_layer: str = "layer4",
                   contrastive: bool = True) -> np.ndarray:
     """Mean of the per-image normalised EBP maps, min-max rescaled to [0, 1], `(H, W)`.
 

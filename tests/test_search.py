@@ -1,0 +1,124 @@
+"""Algorithm 1: candidate generation, vmapped scoring, chunk independence, template, search CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdesens.jobs.search import SearchJob, balanced_sample, run_search_job
+from jaxdesens.masks import levels
+from jaxdesens.masks.io import load_mask
+from jaxdesens.models import ResNet
+from jaxdesens.models.functional import fold_batchnorm, forward
+from jaxdesens.saliency.template import threshold_template
+from jaxdesens.search import SearchConfig, auto_chunk, candidate_masks, make_candidates, score_masks, search_mask
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = ResNet(depth=18, num_classes=4, width=0.125)
+    images = jax.random.uniform(jax.random.key(0), (6, SIZE, SIZE, 3))
+    variables = model.init(jax.random.key(1), images)
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    template = np.zeros((SIZE, SIZE), np.float32)
+    template[10:16, 6:26] = 1.0
+    return fold_batchnorm(variables, 18), np.asarray(images), labels, template
+
+
+def test_scores_equal_a_direct_loop(tiny):
+    folded, images, labels, template = tiny
+    masks, _ = make_candidates(jax.random.key(3), jnp.arange(5), jnp.asarray(template), SearchConfig().ranges)
+    scores = score_masks(folded, jnp.asarray(images), jnp.asarray(labels), masks, jnp.float32(2.0), jnp.float32(0.0))
+    for i, mask in enumerate(np.asarray(masks)):
+        logits = forward(folded, images * mask[None, :, :, None])
+        ce = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+        ratio = 1 - mask.mean()
+        np.testing.assert_allclose(scores["ce"][i], ce, rtol=1e-5)
+        np.testing.assert_allclose(scores["ratio"][i], ratio, rtol=1e-6)
+        np.testing.assert_allclose(scores["objective"][i], ce - 2.0 * ratio, rtol=1e-5)
+
+
+def test_candidates_keep_the_template_and_are_binary(tiny):
+    template = tiny[3]
+    masks = candidate_masks(template, np.arange(64), SearchConfig())
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    assert (masks[:, template == 1] == 1).all()
+    ratios = 1 - masks.mean(axis=(1, 2))
+    assert ratios.std() > 0.05  # hyper-parameters are redrawn per candidate
+
+
+def test_result_does_not_depend_on_chunk_size(tiny):
+    folded, images, labels, template = tiny
+    results = [search_mask(folded, images, labels, template, SearchConfig(n=40, chunk=chunk, gamma=1.0))
+               for chunk in (8, 16, 64)]
+    for other in results[1:]:
+        assert other.best_index == results[0].best_index
+        np.testing.assert_allclose(other.table["objective"], results[0].table["objective"], rtol=1e-5)
+        np.testing.assert_array_equal(other.best_mask, results[0].best_mask)
+    best = results[0]
+    assert best.best_index == int(np.argmin(best.table["objective"]))
+    np.testing.assert_array_equal(best.best_mask, candidate_masks(template, np.array([best.best_index]),
+                                                                 SearchConfig())[0])
+    assert sorted(best.table["index"]) == list(range(40))
+
+
+def test_min_ratio_floor_and_baseline_candidates(tiny):
+    folded, images, labels, template = tiny
+    floor = search_mask(folded, images, labels, template, SearchConfig(n=32, chunk=16, min_ratio=0.7))
+    assert floor.best()["ratio"] >= 0.7
+    assert np.isinf(floor.table["objective"][floor.table["ratio"] < 0.7]).all()
+    with pytest.raises(ValueError, match="min_ratio"):
+        search_mask(folded, images, labels, np.ones_like(template), SearchConfig(n=8, chunk=8, min_ratio=0.5))
+    level = levels.masks_at_level(jax.random.key(0), 4, 24, SIZE, SIZE)
+    baseline = search_mask(folded, images, labels, template, SearchConfig(n=1, chunk=8), candidates=level)
+    assert len(baseline.table["ratio"]) == 24
+    assert ((baseline.table["ratio"] > 0.4) & (baseline.table["ratio"] <= 0.5)).all()
+
+
+def test_threshold_template_and_chunk_heuristic():
+    mean_map = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    assert threshold_template(mean_map, 0.5).sum() == 8
+    assert threshold_template(mean_map, 0.9).sum() < threshold_template(mean_map, 0.3).sum()
+    with pytest.raises(ValueError, match="--T"):
+        threshold_template(mean_map, 1.5)
+    chunk = auto_chunk(32, (112, 112, 3), 64, 2)
+    assert chunk & (chunk - 1) == 0 and 8 <= chunk <= 1024
+
+
+def test_balanced_sample_covers_identities_first():
+    labels = np.repeat(np.arange(5), 4)
+    picked = balanced_sample(labels, 5, np.random.default_rng(0))
+    assert sorted(labels[picked]) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, tmp_path):
+    out = tmp_path / "search"
+    summary = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(out), n=256, K=64, T=0.6, batch_images=64, seed=0),
+                             progress=False, log=lambda _: None)
+    assert summary["ratio"] >= 0.6
+    v = summary["verification"]
+    assert v["searched_mask"] > v["random_same_ratio_mean"], v
+    mask = load_mask(out / "mask.png")
+    np.testing.assert_array_equal(mask, np.load(out / "mask.npy"))
+    np.testing.assert_allclose(1 - mask.mean(), summary["ratio"], atol=1e-6)
+    template = load_mask(out / "template.png")
+    assert (mask[template == 1] == 1).all()
+    rows = json.loads((out / "candidates.json").read_text())
+    assert len(rows) == 256 and rows[0]["index"] == summary["best_index"]
+    assert {"rmg_min_vertex", "rmg_max_angle", "ce", "ratio"} <= set(rows[0])
+    for name in ("top_masks.png", "template_thresholds.png", "mean_saliency.npy", "summary.json"):
+        assert (out / name).exists()
+    with pytest.raises(ValueError, match="raise --T"):
+        run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "big"), K=8, T=0.0),
+                       progress=False, log=lambda _: None)
+    ablation = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "no_ebp"), n=64, K=8,
+                                        without_ebp=True, evaluate=False), progress=False, log=lambda _: None)
+    assert ablation["template_kept"] == 0.0
