@@ -6,7 +6,6 @@ uninterrupted run would have produced from step `s` on, which is what makes resu
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator, Protocol
 
 import grain
@@ -32,32 +31,56 @@ class ArraySource:
         return {"image": self.images[index], "label": np.int32(self.labels[index])}
 
 
-def _random_flip(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    if rng.random() < 0.5:
-        record = {**record, "image": record["image"][:, ::-1]}
-    return record
+class StepBatches:
+    """Maps a step number to its batch: a pure function of (seed, step), so any step can be
+    produced first, in any thread, and a resumed run sees exactly the batches it would have.
 
+    Each epoch is a fresh seeded permutation of the source; a batch gathers its slice (one
+    vectorised gather for in-memory sources, `__getitems__` or item reads otherwise) and mirrors
+    a seeded half of its images. With several processes, each takes its share of the global batch.
+    """
 
-def train_dataset(source: RandomAccessSource, batch_size: int, steps: int, seed: int,
-                  flip: bool = True) -> grain.MapDataset:
-    """Epoch-wise reshuffled, batched dataset with at least `steps` batches, for this process."""
-    per_epoch = len(source) // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"--batch_size={batch_size} exceeds the {len(source)} training images")
-    epochs = math.ceil(steps / per_epoch) + 1
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
-    if jax.process_count() > 1:
-        ds = ds[jax.process_index()::jax.process_count()]
-        batch_size //= jax.process_count()
-    if flip:
-        ds = ds.random_map(_random_flip, seed=seed + 1)
-    return ds.batch(batch_size, drop_remainder=True)
+    def __init__(self, source: RandomAccessSource, batch_size: int, seed: int, flip: bool = True):
+        self.source, self.batch_size, self.seed, self.flip = source, batch_size, seed, flip
+        self.per_epoch = len(source) // batch_size
+        if self.per_epoch < 1:
+            raise ValueError(f"--batch_size={batch_size} exceeds the {len(source)} training images")
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        cached = self._epoch  # one attribute read: safe when reader threads race
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source)))
+            self._epoch = cached
+        return cached[1]
+
+    def _read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        if isinstance(self.source, ArraySource):
+            return {"image": self.source.images[indices], "label": self.source.labels[indices].astype(np.int32)}
+        if hasattr(self.source, "__getitems__"):
+            records = self.source.__getitems__(list(indices))
+        else:
+            records = [self.source[int(i)] for i in indices]
+        return {"image": np.stack([r["image"] for r in records]),
+                "label": np.asarray([r["label"] for r in records], np.int32)}
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, position = divmod(int(step), self.per_epoch)
+        indices = self._permutation(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        flips = np.random.default_rng([self.seed, int(step), 1]).random(self.batch_size) < 0.5
+        share = self.batch_size // jax.process_count()
+        mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+        batch = self._read(indices[mine])
+        if self.flip:
+            chosen = flips[mine]
+            batch["image"][chosen] = batch["image"][chosen, :, ::-1]
+        return batch
 
 
 def train_batches(source: RandomAccessSource, batch_size: int, steps: int, seed: int, start_step: int = 0,
                   flip: bool = True, threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
-    """Host batches for steps `start_step..steps-1`, decoded ahead by grain reader threads."""
-    ds = train_dataset(source, batch_size, steps, seed, flip)[start_step:steps]
+    """Host batches for steps `start_step..steps-1`, assembled ahead by grain reader threads."""
+    ds = grain.MapDataset.range(start_step, steps).map(StepBatches(source, batch_size, seed, flip))
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads * 2))
     return iter(ds.to_iter_dataset(options))
 

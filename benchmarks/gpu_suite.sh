@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# All GPU checks in one bounded run (<= 6 minutes on one H100): JAX search, train and pipeline
+# throughput, and the PyTorch peer on the same card. JSON goes to $OUT (or the first argument),
+# a combined table is printed last.
+#   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh        # QUICK=1 for a CPU smoke run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-benchmarks/results}}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}"  # leave room for torch
+py="${PYTHON:-python3}"
+if [ "${QUICK:-0}" = 1 ]; then
+  quick="--quick"; torch_args="--quick --device cpu"
+else
+  quick=""; torch_args="--device cuda"
+fi
+run() {  # name, time limit (s), command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "    rc=$rc in $((SECONDS - start))s"
+  [ $rc = 0 ] || tail -n 25 "$out/$name.log"
+}
+run search 180 "$py" benchmarks/search_throughput.py $quick --bf16 --chunk "${CHUNKS:-64,256,512}" --json "$out/search.json"
+run train 150 "$py" benchmarks/train_throughput.py $quick --bf16 --json "$out/train.json"
+run pipeline 60 "$py" benchmarks/pipeline_throughput.py $quick --json "$out/pipeline.json"
+run peer_torch 150 "$py" benchmarks/peer_torch.py $torch_args --json "$out/peer_torch.json"
+"$py" benchmarks/summarize.py "$out"

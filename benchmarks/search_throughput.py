@@ -1,0 +1,87 @@
+"""Throughput of the search stages: candidate scoring (masks/s), candidate generation (masks/s),
+EBP saliency (maps/s) against plain forward inference (images/s).
+
+    python benchmarks/search_throughput.py --depth 34 --image_size 112 --batch_images 32 \
+        --chunk 256 --bf16 --json out.json
+
+Uses a randomly initialised ResNet (throughput does not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import common  # noqa: F401  (puts the repository on sys.path)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdesens.masks.freeform import StrokeRanges
+from jaxdesens.models import ResNet
+from jaxdesens.models.functional import fold_batchnorm, forward
+from jaxdesens.saliency.ebp import saliency_maps
+from jaxdesens.search import make_candidates, score_masks
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--depth", type=int, default=34)
+    parser.add_argument("--image_size", type=int, default=112)
+    parser.add_argument("--classes", type=int, default=8631)
+    parser.add_argument("--batch_images", type=int, default=32, help="B: images each mask is scored on")
+    parser.add_argument("--chunk", default="256", help="masks per vmapped call (comma-separated to try several)")
+    parser.add_argument("--ebp_batch", type=int, default=256)
+    parser.add_argument("--generation_chunk", type=int, default=4096)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--saliency_layer", default="layer2")
+    args = parser.parse_args()
+    if args.quick:
+        args.depth, args.image_size, args.classes, args.batch_images, args.chunk = 18, 32, 10, 4, "8"
+        args.ebp_batch, args.generation_chunk, args.width, args.windows, args.iters = 8, 64, 0.125, 2, 1
+    size, dtype = args.image_size, jnp.bfloat16 if args.bf16 else jnp.float32
+    model = ResNet(depth=args.depth, num_classes=args.classes, width=args.width)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    folded = fold_batchnorm(variables, args.depth, dtype)
+    folded32 = fold_batchnorm(variables, args.depth, jnp.float32)
+    key = jax.random.key(1)
+    images = jax.random.uniform(key, (args.batch_images, size, size, 3), dtype=jnp.float32).astype(dtype)
+    labels = jax.random.randint(key, (args.batch_images,), 0, args.classes)
+    template = jnp.zeros((size, size), jnp.float32).at[size // 3: size // 2, size // 5: 4 * size // 5].set(1)
+    ranges = StrokeRanges()
+    rows = []
+    for chunk in (int(c) for c in args.chunk.split(",")):
+        masks, _ = make_candidates(key, jnp.arange(chunk), template, ranges)
+        gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
+        scorer = score_masks.lower(folded, images, labels, masks, gamma, floor).compile()
+        r = common.time_it(lambda: scorer(folded, images, labels, masks, gamma, floor)["objective"].block_until_ready(),
+                           chunk, windows=args.windows, iters=args.iters)
+        rows.append({"name": "scoring", "value": r["per_s"], "unit": "masks/s", "chunk": chunk,
+                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {jnp.dtype(dtype).name}",
+                     "images_per_s": r["per_s"] * args.batch_images, **r})
+
+    indices = jnp.arange(args.generation_chunk)
+    generate = make_candidates.lower(key, indices, template, ranges).compile()
+    r = common.time_it(lambda: generate(key, indices, template)[0].block_until_ready(), args.generation_chunk,
+                       windows=args.windows, iters=args.iters)
+    rows.append({"name": "generation", "value": r["per_s"], "unit": "masks/s",
+                 "notes": f"max(strokes, S), {args.generation_chunk} per call", **r})
+
+    batch = jax.random.uniform(key, (args.ebp_batch, size, size, 3), dtype=jnp.float32)
+    targets = jax.random.randint(key, (args.ebp_batch,), 0, args.classes)
+    infer = jax.jit(lambda f, x: forward(f, x)).lower(folded, batch).compile()
+    r_fwd = common.time_it(lambda: infer(folded, batch).block_until_ready(), args.ebp_batch,
+                           windows=args.windows, iters=args.iters)
+    rows.append({"name": "forward", "value": r_fwd["per_s"], "unit": "images/s",
+                 "notes": f"BN-folded inference, batch {args.ebp_batch}, {jnp.dtype(dtype).name}", **r_fwd})
+    for name, weights in (("ebp", folded), ("ebp_fp32", folded32)):
+        maps = saliency_maps.lower(weights, batch, targets, saliency_layer=args.saliency_layer).compile()
+        r = common.time_it(lambda: maps(weights, batch, targets).block_until_ready(), args.ebp_batch,
+                           windows=args.windows, iters=args.iters)
+        rows.append({"name": name, "value": r["per_s"], "unit": "maps/s",
+                     "notes": f"contrastive, {args.saliency_layer}, {jnp.dtype(weights['stem']['w'].dtype).name}; "
+                              f"{r['per_s'] / r_fwd['per_s']:.2f} x forward", "ratio_to_forward": r["per_s"] / r_fwd["per_s"], **r})
+    common.finish("search_throughput", vars(args) | {"json": str(args.json)}, rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Combines the JSON files of a benchmark run into one table (and the ratios the targets name).
+
+    python benchmarks/summarize.py RESULTS_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def value(reports: dict, bench: str, name: str, variant: str | None = None, **match) -> float | None:
+    report = reports.get(bench)
+    if report is None:
+        return None
+    for row in report["results"]:
+        if row.get("name") != name or (variant is not None and row.get("variant") != variant):
+            continue
+        if all(row.get(k) == v for k, v in match.items()):
+            return row.get("value", row.get("images_per_s", row.get("masks_per_s")))
+    return None
+
+
+def main(directory: str) -> None:
+    reports = {p.stem: json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))
+               if p.stem != "summary"}
+    lines = []
+    for name, report in reports.items():
+        machine = report.get("machine", {}).get("device") or report.get("device")
+        lines.append(f"\n## {name} ({machine})")
+        for row in report["results"]:
+            label = " ".join(str(row[k]) for k in ("name", "variant", "masks") if k in row)
+            number = row.get("value", row.get("images_per_s", row.get("masks_per_s")))
+            unit = row.get("unit", "masks/s" if "masks_per_s" in row else "images/s")
+            lines.append(f"| {label} | {number:,.1f} | {unit} | {row.get('notes', '')} |")
+    ratios = {}
+    scoring = max((row["value"] for row in reports.get("search", {}).get("results", []) if row["name"] == "scoring"),
+                  default=None)
+    torch_scoring = value(reports, "peer_torch", "scoring", "compile", masks=256)
+    if scoring and torch_scoring:
+        ratios["scoring_vs_torch_compile_256"] = scoring / torch_scoring
+    train = value(reports, "train", "train_step_resnet")
+    torch_train = value(reports, "peer_torch", "train_step", "eager")
+    if train and torch_train:
+        ratios["train_step_vs_torch_eager"] = train / torch_train
+    pipeline = value(reports, "pipeline", "pipeline_memory")
+    if pipeline and train:
+        ratios["pipeline_vs_train_step"] = pipeline / train
+    summary = {"ratios": ratios, "reports": sorted(reports)}
+    (Path(directory) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines.append("\n## ratios")
+    lines += [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
