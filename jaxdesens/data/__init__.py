@@ -15,13 +15,17 @@ __all__ = ["DataError", "IdentitySet", "SyntheticConfig", "load_dataset", "make_
 
 def load_dataset(path: str | Path | None, image_size: int, channels: int = 3,
                  synthetic: SyntheticConfig | None = None, progress: bool = False) -> IdentitySet:
-    """Reads whatever `--data` points at: nothing (synthetic set), an identity folder or a
-    preprocessed array_record set."""
+    """Reads whatever `--data` points at: nothing (synthetic set), an identity folder, a
+    desensitized export (with its mask) or a preprocessed array_record set."""
     if path is None:
         config = synthetic or SyntheticConfig()
         return make_synthetic(SyntheticConfig(config.identities, config.images_per_identity, image_size,
                                               channels, config.seed))
     path = Path(path)
+    from jaxdesens.data import export_reader
+
+    if export_reader.is_export(path):
+        return export_reader.read_export(path, image_size, channels, progress=progress)
     from jaxdesens.data import arrayrecord
 
     if arrayrecord.is_identity_arrayrecord(path):

@@ -1,0 +1,411 @@
+"""The hand-off export: nothing but masked pixels leaves; names, metadata and order are gone."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, PngImagePlugin
+
+from helpers import PYTHON, ROOT, subprocess_env
+from jaxdesens.data import DataError, load_dataset
+from jaxdesens.data.images import load_image
+from jaxdesens.desensitize.export import (ALLOWED_PNG_CHUNKS, JOURNAL, ExportJob, file_id, load_or_create_key, png_chunks,
+                                          pseudonym, run_export)
+from jaxdesens.masks.io import load_mask, save_mask
+
+SIZE = 32
+NAMES = ("Alice_Wonderland_Private", "Bob_Builder_Private", "Carol_Singer_Private")
+HEX = re.compile(r"[0-9a-f]+")
+
+
+def quiet(*_):
+    pass
+
+
+def make_mask(path: Path, size: int = SIZE) -> np.ndarray:
+    """A fixed, asymmetric mask hiding about 60% of the pixels (1 = visible)."""
+    mask = np.zeros((size, size), np.float32)
+    mask[size // 4: size // 2, :] = 1
+    mask[:, size // 8: size // 4] = 1
+    mask[3 * size // 4:, size // 2:] = 1
+    save_mask(path, mask)
+    return mask
+
+
+def write_faces(root: Path, names=NAMES, per_identity: int = 4, size: int = 40, seed: int = 0) -> Path:
+    """Identity folders with distinctive names; mixed JPEG/PNG/PGM files of different sizes."""
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for j in range(per_identity):
+            pixels = rng.integers(1, 255, (size + 4 * j, size, 3), dtype=np.uint8)  # no zero pixels
+            suffix = (".png", ".jpg", ".pgm")[(i + j) % 3]
+            image = Image.fromarray(pixels) if suffix != ".pgm" else Image.fromarray(pixels[..., 0])
+            image.save(folder / f"{name}_photo_{j:04d}{suffix}")
+    return root
+
+
+def exif_with_gps_and_thumbnail(thumbnail: bytes) -> bytes:
+    """An APP1 Exif payload built by hand: IFD0 (Make, GPS pointer) -> GPS IFD (N 51deg 30' 12.34")
+    and IFD1 holding an embedded JPEG thumbnail (JPEGInterchangeFormat/Length)."""
+    make = b"SecretCamModel-XYZ\0"
+    ifd0, gps, ifd1 = 8, 8 + 30, 8 + 60
+    data = 8 + 90
+    lat_at, thumb_at = data + len(make), data + len(make) + 24
+
+    def entry(tag, kind, count, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+
+    def ifd(entries, next_ifd=0) -> bytes:
+        return struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", next_ifd)
+
+    tiff = b"II*\0" + struct.pack("<I", ifd0)
+    tiff += ifd([entry(0x010F, 2, len(make), struct.pack("<I", data)),
+                 entry(0x8825, 4, 1, struct.pack("<I", gps))], next_ifd=ifd1)
+    tiff += ifd([entry(0x0001, 2, 2, b"N\0"), entry(0x0002, 5, 3, struct.pack("<I", lat_at))])
+    tiff += ifd([entry(0x0201, 4, 1, struct.pack("<I", thumb_at)),
+                 entry(0x0202, 4, 1, struct.pack("<I", len(thumbnail)))])
+    assert len(tiff) == data
+    tiff += make + struct.pack("<6I", 51, 1, 30, 1, 1234, 100) + thumbnail
+    return b"Exif\0\0" + tiff
+
+
+@pytest.fixture(scope="module")
+def metadata_input(tmp_path_factory):
+    """An identity folder whose JPEG carries EXIF GPS + thumbnail + ICC + XMP + comment and whose
+    PNG carries text chunks, eXIf and iCCP. Returns (root, secrets that must not leave)."""
+    root = write_faces(tmp_path_factory.mktemp("in") / "faces")
+    face = np.random.default_rng(1).integers(1, 255, (48, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(face).resize((16, 16)).save(buffer, format="JPEG", quality=90)
+    thumbnail = buffer.getvalue()
+    exif = exif_with_gps_and_thumbnail(thumbnail)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">SecretXMPCreator-Q7</x:xmpmeta>'
+    jpeg = root / NAMES[0] / "GPS_tagged_private_name.jpg"
+    Image.fromarray(face).save(jpeg, format="JPEG", exif=exif, icc_profile=icc, xmp=xmp, comment=b"SecretComment-K3")
+    raw = jpeg.read_bytes()
+    assert thumbnail in raw and exif[6:] in raw and b"SecretXMPCreator-Q7" in raw
+    with Image.open(jpeg) as image:  # PIL sees GPS and ICC in the input
+        assert image.getexif().get_ifd(0x8825)[1] == "N" and image.info["icc_profile"] == icc
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "SecretPngAuthor-P1")
+    info.add_itxt("Description", "SecretPngItxt-P2")
+    info.add_text("Comment", "SecretPngZtxt-P3", zip=True)
+    png = root / NAMES[1] / "texted_private_name.png"
+    Image.fromarray(face).save(png, pnginfo=info, exif=exif, icc_profile=icc)
+    assert {k for k, _ in png_chunks(png.read_bytes())} >= {b"tEXt", b"iTXt", b"zTXt", b"eXIf", b"iCCP"}
+    secrets = [exif[6:], exif[6:40], thumbnail, icc, icc[-200:], b"SecretCamModel-XYZ", b"SecretXMPCreator-Q7",
+               b"SecretComment-K3", b"SecretPngAuthor-P1", b"SecretPngItxt-P2", b"SecretPngZtxt-P3",
+               b"GPS_tagged_private_name", b"texted_private_name", b"_photo_", str(root).encode(),
+               *(n.encode() for n in NAMES)]
+    return root, secrets
+
+
+def export_job(root: Path, out: Path, key: Path, mask: Path | None, **overrides) -> ExportJob:
+    values = dict(data=str(root), out=str(out), key=str(key), mask=str(mask) if mask else None, batch=8,
+                  attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / "owner.json"))
+    values.update(overrides)
+    return ExportJob(**values)
+
+
+@pytest.fixture(scope="module")
+def exported(metadata_input, tmp_path_factory):
+    root, _ = metadata_input
+    work = tmp_path_factory.mktemp("export")
+    mask = make_mask(work / "mask.png")
+    job = export_job(root, work / "EXPORT", work / "owner.key", work / "mask.png")
+    summary = run_export(job, progress=False, log=quiet)
+    return job, mask, summary
+
+
+def tree_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+def test_export_strips_all_metadata_names_and_paths(metadata_input, exported):
+    _, secrets = metadata_input
+    job, _, _ = exported
+    out = Path(job.out)
+    files = tree_files(out)
+    pngs = [p for p in files if p.suffix == ".png"]
+    assert len(pngs) == 1 + len(NAMES) * 4 + 2  # mask + faces + the two metadata images
+    for png in pngs:
+        assert [kind for kind, _ in png_chunks(png.read_bytes())] == [b"IHDR", *[b"IDAT"] * (
+            len(png_chunks(png.read_bytes())) - 2), b"IEND"]
+        assert set(kind for kind, _ in png_chunks(png.read_bytes())) <= set(ALLOWED_PNG_CHUNKS)
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.mode in ("L", "RGB") and not image.getexif()
+            assert not set(image.info) & {"exif", "icc_profile", "xmp", "Author", "Description", "Comment", "dpi"}
+    for file in files:  # every byte of the export: images, manifest, reports
+        data = file.read_bytes()
+        for secret in secrets:
+            assert secret not in data, (file.name, secret[:40])
+    assert {p.name for p in files if p.parent == out} == {"manifest.json", "mask.png", "privacy_report.json",
+                                                          "privacy_report.md"}
+    for png in pngs:
+        if png.parent != out:
+            assert HEX.fullmatch(png.parent.name) and HEX.fullmatch(png.stem)
+    assert not list(Path(job.key).parent.glob("*.tmp")) and not [p for p in files if p.name.startswith(".")]
+
+
+def test_hidden_pixels_are_zero_and_visible_pixels_lossless(metadata_input, exported):
+    root, _ = metadata_input
+    job, mask, _ = exported
+    key = load_or_create_key(job.key, quiet)
+    out = Path(job.out)
+    assert np.array_equal(load_mask(out / "mask.png"), mask)
+    checked = 0
+    for source in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = source.relative_to(root).as_posix()
+        target = out / pseudonym(key, source.parent.name) / f"{file_id(key, rel)}.png"
+        written = np.asarray(Image.open(target))
+        written = written[..., None] if written.ndim == 2 else written
+        original = load_image(source, SIZE, 3)  # the training loader's resize + centre crop
+        assert written.dtype == np.uint8 and written.shape == (SIZE, SIZE, 3)
+        assert (written[mask == 0] == 0).all() and (original[mask == 0] > 0).any()
+        assert np.array_equal(written[mask == 1], original[mask == 1])
+        checked += 1
+    assert checked == len(NAMES) * 4 + 2
+
+
+def test_manifest_and_privacy_report(exported):
+    job, mask, summary = exported
+    out = Path(job.out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    import jaxdesens
+
+    assert manifest["version"] == jaxdesens.__version__ and manifest["method"] == "mask"
+    assert manifest["counts"] == {"files": 14, "identities": 3, "skipped_unreadable": 0}
+    assert manifest["settings"]["image_size"] == SIZE and manifest["settings"]["channels"] == 3
+    assert manifest["settings"]["mask_ratio"] == pytest.approx(1 - mask.mean(), abs=1e-6)
+    import hashlib
+
+    assert manifest["mask"]["sha256"] == hashlib.sha256((out / "mask.png").read_bytes()).hexdigest()
+    for entry in manifest["files"]:
+        assert set(entry) == {"path", "id", "pseudonym", "sha256"}
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["mask_ratio"] == manifest["settings"]["mask_ratio"] and report["images"] == 14
+    quality = report["desensitized_vs_original"]
+    assert 0.3 < quality["dssim"]["mean"] <= 1.5 and 0 < quality["psnr"]["mean"] < 20
+    attack = report["attacks"]["methods"]["navier-stokes"]
+    assert report["attacks"]["images"] == 4 and attack["psnr_mean"] > report["attacks"]["masked_baseline"]["psnr_mean"]
+    assert "mask ratio" in (out / "privacy_report.md").read_text()
+    assert summary["files_per_s"] > 0
+
+
+def test_same_key_same_pseudonyms_other_key_different(metadata_input, exported, tmp_path):
+    root, _ = metadata_input
+    job, _, _ = exported
+    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none"), progress=False, log=quiet)
+    other_key = tmp_path / "other.key"
+    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none")
+    run_export(other, progress=False, log=quiet)
+    first = json.loads((Path(job.out) / "manifest.json").read_text())
+    again = json.loads((Path(same["out"]) / "manifest.json").read_text())
+    third = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    assert first["files"] == again["files"]
+    assert {f["pseudonym"] for f in first["files"]}.isdisjoint(f["pseudonym"] for f in third["files"])
+    assert {f["id"] for f in first["files"]}.isdisjoint(f["id"] for f in third["files"])
+    assert len(other_key.read_text().strip()) == 64 and (other_key.stat().st_mode & 0o077) == 0
+    assert {f["pseudonym"] for f in first["files"]} == {pseudonym(load_or_create_key(job.key), n) for n in NAMES}
+
+
+@pytest.fixture()
+def small_input(tmp_path):
+    root = write_faces(tmp_path / "faces", per_identity=6)
+    make_mask(tmp_path / "mask.npy")
+    return root, tmp_path
+
+
+def test_interrupted_export_resumes_to_the_same_manifest(small_input):
+    root, work = small_input
+    reference = export_job(root, work / "ref", work / "k", work / "mask.npy", attacks="none")
+    run_export(reference, progress=False, log=quiet)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after(n):
+        if n == 5:  # mid-batch: files 6..8 are written but not journalled
+            raise Killed
+
+    job = dataclasses.replace(reference, out=str(work / "resumed"))
+    with pytest.raises(Killed):
+        run_export(job, progress=False, log=quiet, on_file=kill_after)
+    out = Path(job.out)
+    assert not (out / "manifest.json").exists() and len(list(out.rglob("*/*.png"))) == 8
+    with pytest.raises(DataError, match="--resume"):
+        run_export(job, progress=False, log=quiet)
+    # a file cut by the kill and a corrupted journalled file are redone, not duplicated
+    journalled = [json.loads(line)["path"] for line in (out / JOURNAL).read_text().splitlines()]
+    unjournalled = sorted(set(p.relative_to(out).as_posix() for p in out.rglob("*/*.png")) - set(journalled))
+    assert len(journalled) == 5 and len(unjournalled) == 3
+    (out / unjournalled[0]).with_name(f".{Path(unjournalled[0]).name}.abc.tmp").write_bytes(b"partial")
+    (out / journalled[0]).write_bytes((out / journalled[0]).read_bytes()[:50])
+    (out / ".manifest.json.q1w2e3").write_text("{}")  # a JSON temp file of a kill during the final writes
+    with pytest.raises(DataError, match="another --key"):
+        run_export(dataclasses.replace(job, resume=True, key=str(work / "k2")), progress=False, log=quiet)
+    run_export(dataclasses.replace(job, resume=True), progress=False, log=quiet)
+    assert (out / "manifest.json").read_bytes() == (work / "ref" / "manifest.json").read_bytes()
+    for entry in json.loads((out / "manifest.json").read_text())["files"]:
+        assert (out / entry["path"]).read_bytes() == (work / "ref" / entry["path"]).read_bytes()
+    a, b = (json.loads((d / "privacy_report.json").read_text()) for d in (out, work / "ref"))
+    assert a["desensitized_vs_original"]["psnr"]["mean"] == pytest.approx(b["desensitized_vs_original"]["psnr"]["mean"])
+    assert sorted(p.relative_to(out) for p in tree_files(out)) == sorted(
+        p.relative_to(work / "ref") for p in tree_files(work / "ref"))
+    # resuming a finished export does nothing; different settings are refused
+    assert run_export(dataclasses.replace(job, resume=True), progress=False, log=quiet)["complete"]
+    with pytest.raises(DataError, match="other settings"):
+        run_export(dataclasses.replace(job, resume=True, channels=1), progress=False, log=quiet)
+
+
+def test_bad_inputs_give_clear_errors(small_input):
+    root, work = small_input
+    key, mask = work / "k", work / "mask.npy"
+    with pytest.raises(DataError, match="needs --mask"):
+        export_job(root, work / "o1", key, None)
+    with pytest.raises(DataError, match="not found"):
+        run_export(export_job(root, work / "o1", key, work / "missing.png"), progress=False, log=quiet)
+    save_mask(work / "wide.npy", np.ones((SIZE, SIZE + 2), np.float32) * (np.arange(SIZE + 2) % 2))
+    with pytest.raises(DataError, match="square"):
+        run_export(export_job(root, work / "o1", key, work / "wide.npy"), progress=False, log=quiet)
+    with pytest.raises(DataError, match="hides no pixel"):
+        save_mask(work / "ones.npy", np.ones((SIZE, SIZE), np.float32))
+        run_export(export_job(root, work / "o1", key, work / "ones.npy"), progress=False, log=quiet)
+    with pytest.raises(DataError, match="inside the input"):
+        run_export(export_job(root, root / "export", key, mask), progress=False, log=quiet)
+    with pytest.raises(DataError, match="input folder is inside the output"):
+        run_export(export_job(root, work, key, mask), progress=False, log=quiet)
+    with pytest.raises(DataError, match="inside the export"):
+        run_export(export_job(root, work / "o2", work / "o2" / "k", mask), progress=False, log=quiet)
+    (work / "full").mkdir()
+    (work / "full" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="not empty"):
+        run_export(export_job(root, work / "full", key, mask), progress=False, log=quiet)
+    with pytest.raises(DataError, match="no export in progress"):
+        run_export(export_job(root, work / "full", key, mask, resume=True), progress=False, log=quiet)
+    # a mask of another size is resized with nearest neighbour to --image_size
+    summary = run_export(export_job(root, work / "o3", key, mask, image_size=2 * SIZE, attacks="none"),
+                         progress=False, log=quiet)
+    assert load_mask(work / "o3" / "mask.png").shape == (2 * SIZE, 2 * SIZE)
+    assert summary["report"]["mask_ratio"] == pytest.approx(1 - load_mask(mask).mean())
+
+    corrupt = root / NAMES[2] / "Broken_secret_file.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DataError, match="Broken_secret_file.jpg.*--strict"):
+        run_export(export_job(root, work / "o4", key, mask, strict=True), progress=False, log=quiet)
+    summary = run_export(export_job(root, work / "o5", key, mask, attacks="none"), progress=False, log=quiet)
+    owner = json.loads((work / "owner.json").read_text())
+    assert [Path(s["path"]).name for s in owner["skipped_unreadable"]] == ["Broken_secret_file.jpg"]
+    assert summary["skipped"] == 1 and summary["files"] == len(NAMES) * 6
+    manifest = json.loads((work / "o5" / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_unreadable"] == 1
+    for file in tree_files(work / "o5"):
+        assert b"Broken_secret" not in file.read_bytes()
+
+
+def test_load_dataset_reads_an_export_with_its_mask(small_input, tmp_path):
+    root, work = small_input
+    mask = load_mask(work / "mask.npy")
+    run_export(export_job(root, work / "out", work / "k", work / "mask.npy", attacks="none"),
+               progress=False, log=quiet)
+    dataset = load_dataset(work / "out", SIZE, 3)
+    assert dataset.num_classes == len(NAMES) and len(dataset) == len(NAMES) * 6
+    assert np.array_equal(dataset.mask, mask) and dataset.source == str(work / "out")
+    assert np.bincount(dataset.labels).tolist() == [6, 6, 6] and all(HEX.fullmatch(n) for n in dataset.names)
+    assert (dataset.images[:, mask == 0] == 0).all()
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert dataset.fingerprint == manifest["fingerprint"]
+    bigger = load_dataset(work / "out", 2 * SIZE, 1)
+    assert bigger.mask.shape == (2 * SIZE, 2 * SIZE) and bigger.image_shape == (2 * SIZE, 2 * SIZE, 1)
+    # a tampered file or an entry escaping the export is refused
+    first = work / "out" / manifest["files"][0]["path"]
+    first.write_bytes(first.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="sha256"):
+        load_dataset(work / "out", SIZE, 3)
+    manifest["files"][0]["path"] = "../../etc/passwd"
+    (work / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="refusing"):
+        load_dataset(work / "out", SIZE, 3)
+    # flat input -> images/<id>.png; usable for hand-off but not as an identity set
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(root.rglob("*.png"))[:3]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    run_export(export_job(flat, work / "flat_out", work / "k", work / "mask.npy", attacks="none"),
+               progress=False, log=quiet)
+    assert len(list((work / "flat_out" / "images").glob("*.png"))) == 3
+    with pytest.raises(DataError, match="flat export"):
+        load_dataset(work / "flat_out", SIZE, 3)
+
+
+def test_blur_export_has_no_mask_and_reads_as_identity_folder(small_input):
+    root, work = small_input
+    run_export(export_job(root, work / "blur", work / "k", None, method="blur", image_size=SIZE, size=5),
+               progress=False, log=quiet)
+    out = work / "blur"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mask"] is None and manifest["settings"]["size"] == 5 and not (out / "mask.png").exists()
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["attacks"]["methods"] == {} and report["desensitized_vs_original"]["dssim"]["mean"] > 0.05
+    dataset = load_dataset(out, SIZE, 3)
+    assert dataset.mask is None and dataset.num_classes == len(NAMES)
+
+
+@pytest.mark.slow
+def test_cli_killed_with_sigkill_resumes_to_the_same_manifest(tmp_path):
+    root = write_faces(tmp_path / "faces", names=tuple(f"Person_{i:02d}_Secret" for i in range(8)), per_identity=20)
+    make_mask(tmp_path / "mask.png")
+    flags = [f"--data={root}", f"--mask={tmp_path / 'mask.png'}", f"--key={tmp_path / 'k'}", "--batch=2",
+             "--attack_images=64", "--attacks=biharmonic", "--progress=false"]
+    out = tmp_path / "killed"
+    process = subprocess.Popen([PYTHON, str(ROOT / "launch" / "desensitize.py"), f"--out={out}", *flags],
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*/*.png"))) < 8 and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*/*.png"))) >= 8
+    resumed = subprocess.run([PYTHON, str(ROOT / "launch" / "desensitize.py"), f"--out={out}", *flags],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 2 and "--resume" in resumed.stderr  # refused without --resume, one clear line
+    job = ExportJob(data=str(root), out=str(out), key=str(tmp_path / "k"), mask=str(tmp_path / "mask.png"), batch=2,
+                    attack_images=64, attacks="biharmonic", resume=True)
+    run_export(job, progress=False, log=quiet)
+    run_export(dataclasses.replace(job, out=str(tmp_path / "ref"), resume=False, batch=64), progress=False, log=quiet)
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
+    assert len(list(out.rglob("*.png"))) == 1 + 8 * 20 and not list(out.rglob(".*"))
+
+
+def test_att_export_all_400_faces(att_dir, tmp_path):
+    mask = np.zeros((48, 48), np.float32)
+    mask[14:30, 6:42] = 1  # a band across the eyes stays visible: 16 x 36 of 48 x 48, ratio 0.75
+    save_mask(tmp_path / "mask.png", mask)
+    job = ExportJob(data=str(att_dir), out=str(tmp_path / "att"), key=str(tmp_path / "k"),
+                    mask=str(tmp_path / "mask.png"), channels=1, attack_images=16)
+    summary = run_export(job, progress=False, log=quiet)
+    manifest = json.loads((tmp_path / "att" / "manifest.json").read_text())
+    assert manifest["counts"] == {"files": 400, "identities": 40, "skipped_unreadable": 0}
+    assert len(list((tmp_path / "att").glob("*/*.png"))) == 400
+    text = (tmp_path / "att" / "manifest.json").read_text()
+    assert not re.search(r'"s\d+"|\.pgm', text)
+    report = summary["report"]
+    assert report["mask_ratio"] == pytest.approx(0.75)
+    assert set(report["attacks"]["methods"]) == {"biharmonic", "navier-stokes", "telea"}
+    dataset = load_dataset(tmp_path / "att", 48, 1)
+    assert dataset.num_classes == 40 and len(dataset) == 400 and dataset.mask.shape == (48, 48)
