@@ -179,8 +179,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, progress: bool 
     step_fn = compile_train_step(config, mesh, use_fsm=config.model == "fsm")
     metrics_log = MetricsLog(run.path, start_step=start)
 
+    # An export is masked at the source: mirroring its images would move the holes off the mask.
+    flip = config.flip and dataset.mask is None
+    if config.flip and not flip:
+        log("flip augmentation off: the images are already masked (a desensitized export)")
     batches = train_batches(ArraySource(train_set.images, train_set.labels), config.batch_size, config.steps,
-                            seed=config.seed, start_step=start, flip=config.flip)
+                            seed=config.seed, start_step=start, flip=flip)
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, window_images = time.perf_counter(), 0
     pending = []
@@ -205,7 +209,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, progress: bool 
     metrics_log.close()
 
     recognizer = Recognizer(model, {"params": state.params, "batch_stats": state.batch_stats}, config)
-    evaluation = held_out_verification(recognizer, held_out, masks)
+    evaluation = held_out_verification(recognizer, held_out, masks, premasked=dataset.mask is not None)
     log(format_evaluation(evaluation))
     run.write_json("eval.json", evaluation)
     return TrainResult(state, model, config, evaluation)
