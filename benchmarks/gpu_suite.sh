@@ -20,13 +20,15 @@ run() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name: $*" >> "$out/logs.txt"
+  timeout "$limit" "$@" > "$out/.current.log" 2>&1
   local rc=$?
-  echo "    rc=$rc in $((SECONDS - start))s"
-  [ $rc = 0 ] || tail -n 25 "$out/$name.log"
+  cat "$out/.current.log" >> "$out/logs.txt"; echo "    rc=$rc in $((SECONDS - start))s"
+  [ $rc = 0 ] || tail -n 25 "$out/.current.log"
+  rm -f "$out/.current.log"
 }
-run search 180 "$py" benchmarks/search_throughput.py $quick --bf16 --chunk "${CHUNKS:-64,256,512}" --json "$out/search.json"
-run train 150 "$py" benchmarks/train_throughput.py $quick --bf16 --json "$out/train.json"
-run pipeline 60 "$py" benchmarks/pipeline_throughput.py $quick --json "$out/pipeline.json"
-run peer_torch 150 "$py" benchmarks/peer_torch.py $torch_args --json "$out/peer_torch.json"
+run search "${T_SEARCH:-150}" "$py" benchmarks/search_throughput.py $quick --bf16 --chunk "${CHUNKS:-256,512}" --json "$out/search.json"
+run train "${T_TRAIN:-120}" "$py" benchmarks/train_throughput.py $quick --bf16 --json "$out/train.json"
+run peer_torch "${T_TORCH:-130}" "$py" benchmarks/peer_torch.py $torch_args --time_budget_s "${T_TORCH_BUDGET:-110}" --json "$out/peer_torch.json"
+run pipeline "${T_PIPE:-45}" "$py" benchmarks/pipeline_throughput.py $quick --images 10000 --json "$out/pipeline.json"
 "$py" benchmarks/summarize.py "$out"

@@ -56,3 +56,36 @@ def att_clean_workdir(att_dir, tmp_path_factory) -> Path:
                          lr=0.1, log_every=60, checkpoint_every=240)
     train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
     return workdir
+
+
+def _train_att(att_dir: Path, workdir: Path, model: str, steps: int = 150) -> Path:
+    from jaxdesens.config import TrainConfig
+    from jaxdesens.train import train_and_evaluate
+
+    config = TrainConfig(model=model, data=str(att_dir), steps=steps, width=0.25, image_size=48, batch_size=50,
+                         lr=0.1, log_every=50, checkpoint_every=steps)
+    train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def att_mask_workdir(att_dir, tmp_path_factory) -> Path:
+    """A resnet-mask (random hole-ratio-level masks) with att_clean_workdir's small config, 150 steps."""
+    return _train_att(att_dir, tmp_path_factory.mktemp("att_mask"), "mask")
+
+
+@pytest.fixture(scope="session")
+def att_fsm_workdir(att_dir, tmp_path_factory) -> Path:
+    """A resnet-fsm (FSM after layer3, random hole-ratio-level masks), same small config, 150 steps."""
+    return _train_att(att_dir, tmp_path_factory.mktemp("att_fsm"), "fsm")
+
+
+@pytest.fixture(scope="session")
+def att_searched_mask(att_clean_workdir, tmp_path_factory) -> Path:
+    """mask.png searched by Algorithm 1 with att_clean_workdir (64 candidates, no evaluation)."""
+    from jaxdesens.jobs.search import SearchJob, run_search_job
+
+    out = tmp_path_factory.mktemp("att_search")
+    run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(out), n=64, K=32, T=0.6, batch_images=32,
+                             evaluate=False), progress=False, log=lambda _: None)
+    return out / "mask.png"

@@ -1,0 +1,342 @@
+"""Evaluation job: table assembly, situation semantics, level buckets, report, LFW mode, bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import PYTHON, ROOT, subprocess_env, write_identity_folder
+from jaxdesens.jobs.evaluate import (
+    EvaluateJob,
+    Embedder,
+    Model,
+    attack_subset,
+    identity_eval_set,
+    lfw_eval_set,
+    level_masks,
+    render_report,
+    role_labels,
+    run_evaluate_job,
+    situations,
+)
+from jaxdesens.masks import LEVELS
+from jaxdesens.metrics.verification import generate_pairs
+from jaxdesens.recognizer import Recognizer, load_recognizer
+
+SIZE = 32
+TABLES = ("verification", "table1", "table2", "table3", "table4", "table5", "attacks")
+
+
+def _make_workdir(path: Path, model: str, seed: int, image_size: int = SIZE) -> Path:
+    """A random-init (untrained) checkpoint on a tiny synthetic set: a workdir in seconds."""
+    from jaxdesens.config import TrainConfig
+    from jaxdesens.data import split_identities
+    from jaxdesens.train import build_model, create_train_state, load_data
+    from jaxdesens.workdir import RunDirectory
+
+    config = TrainConfig(model=model, width=0.125, image_size=image_size, synthetic_identities=12,
+                         synthetic_images_per_identity=4, holdout=0.5, steps=1, seed=seed)
+    dataset = load_data(config)
+    train_set, _ = split_identities(dataset, config.holdout, config.split_seed)
+    run = RunDirectory(path)
+    run.claim(config, data_fingerprint=dataset.fingerprint, mask_fingerprint=None, num_classes=train_set.num_classes)
+    run.save(1, create_train_state(config, build_model(config, train_set.num_classes), jax.random.key(seed),
+                                   train_set.image_shape))
+    run.wait()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_eval")
+    workdirs = [_make_workdir(root / name, model, seed) for name, model, seed in
+                (("clean", "resnet", 0), ("masked", "mask", 1), ("fsm", "fsm", 2))]
+    from jaxdesens.masks import save_mask
+
+    mask = np.ones((SIZE, SIZE), np.float32)
+    mask[:, :18] = 0
+    mask[10:16, 4:28] = 1
+    save_mask(root / "mask", mask)
+    return {"root": root, "workdirs": workdirs, "mask_path": root / "mask.png", "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny):
+    out = tiny["root"] / "out"
+    job = EvaluateJob(checkpoints=tuple(str(w) for w in tiny["workdirs"]), mask=str(tiny["mask_path"]), out=str(out),
+                      repeats=2, baseline_n=8, baseline_images=16, attack_images=0)
+    return run_evaluate_job(job, progress=False, log=lambda _: None, command="python launch/evaluate.py --tiny"), out
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def test_every_table_is_assembled_with_all_models(tiny, tiny_run):
+    results, out = tiny_run
+    labels = ["resnet", "resnet-mask", "resnet-fsm"]
+    assert [m["label"] for m in results["models"]] == labels
+    assert [m["role"] for m in results["models"]] == ["resnet", "mask", "fsm"]
+    for table in TABLES:
+        assert results[table] is not None, table
+    rows = results["table1"]["rows"]
+    assert [r["level"] for r in rows] == ["None", "0.01-0.1", "0.1-0.2", "0.2-0.3", "0.3-0.4", "0.4-0.5", "0.5-0.6"]
+    for row in rows:
+        assert set(row["models"]) == set(labels)
+        assert all(len(m["runs"]) == (1 if row["range"] is None else 2) for m in row["models"].values())
+        assert row["delta"] == pytest.approx(row["models"]["resnet-mask"]["mean"] - row["models"]["resnet"]["mean"])
+    assert rows[0]["models"]["resnet"]["mean"] == results["verification"]["resnet"]["clean"]["accuracy"]
+    assert [r["level"] for r in results["table2"]["rows"]] == ["0.4-0.5", "0.5-0.6"]
+    for row in results["table2"]["rows"]:
+        assert 0.4 < row["ratio"] <= 0.6 and row["candidates"] == 8
+        assert all(_finite(v["masked"]["accuracy"]) and _finite(v["inpainted"]["accuracy"]) for v in row["models"].values())
+    assert results["table3"]["ratio"] == pytest.approx(1 - tiny["mask"].mean())
+    methods = [(r["method"], r["size"]) for r in results["table4"]["rows"]]
+    assert methods == [("mask", None), ("blur", 3), ("blur", 5), ("mosaic", 2), ("mosaic", 5)]
+    for row in results["table4"]["rows"]:
+        assert 0 < row["dssim_mean"] < 1.5 and _finite(row["psnr_mean"]) and set(row["models"]) == set(labels)
+    assert set(results["table4"]["ordering"]) == {"weak", "strong", "holds"}
+    # The mask row of Table 4 and Table 3 are Situation 1.
+    for label in labels:
+        s = results["table5"][label]
+        assert results["table4"]["rows"][0]["models"][label] == s["situation1"] == results["table3"]["models"][label]
+        assert s["situation3"]["accuracy"] == results["verification"][label]["clean"]["accuracy"]
+    attack_rows = [r["name"] for r in results["attacks"]["rows"]]
+    assert attack_rows == ["clean (no desensitization)", "masked (no restoration)", "biharmonic", "navier-stokes", "telea"]
+    assert results["attacks"]["all_images"] and results["attacks"]["pairs"] == results["data"]["pairs"]
+    for row in results["attacks"]["rows"][2:]:
+        assert row["psnr_mean"] > results["attacks"]["rows"][1]["psnr_mean"]  # restoring beats leaving holes black
+    assert results["table7"] == [{"label": "resnet-fsm", "fsm_after": 3,
+                                  "accuracy": results["table5"]["resnet-fsm"]["situation1"]["accuracy"]}]
+    assert results["data"]["kind"] == "held-out identities" and results["data"]["identities"] == 6
+    assert results["device"]["platform"] and results["versions"]["jax"] == jax.__version__
+
+
+def test_level_masks_fall_in_their_buckets_and_differ_per_image(tiny_run):
+    results, _ = tiny_run
+    for row in results["table1"]["rows"][1:]:
+        low, high = row["range"]
+        assert low < row["ratio_min"] <= row["ratio_max"] <= high, row
+    bank = level_masks(jax.random.key(3), 6, SIZE, SIZE)
+    assert bank.shape == (len(LEVELS), 6, SIZE, SIZE)
+    ratios = 1 - bank.reshape(len(LEVELS), 6, -1).mean(-1)
+    for (low, high), r in zip(LEVELS, ratios):
+        assert ((r > low) & (r <= high)).all()
+    assert len({m.tobytes() for m in bank[5]}) == 6  # a different mask per image
+
+
+def test_outputs_json_report_and_figures(tiny_run):
+    results, out = tiny_run
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["table3"] == json.loads(json.dumps(results["table3"]))
+    assert stored["command"] == "python launch/evaluate.py --tiny"
+    report = (out / "report.md").read_text()
+    for caption in ("## Table 1", "## Table 2", "## Table 3", "## Table 4", "## Table 5", "## Restoration attacks",
+                    "python launch/evaluate.py --tiny", "| resnet-fsm |", "93.2%", "89.12%"):
+        assert caption in report, caption
+    assert "dSSIM(mask) > dSSIM(mosaic) > dSSIM(blur)" in report
+    for name in ("examples.png", "levels.png", "baseline.png"):
+        with Image.open(out / name) as image:
+            assert image.size[0] > 3 * SIZE
+    assert render_report(stored) == report  # the report is a function of results.json alone
+
+
+def test_report_notes_a_skipped_baseline(tiny_run):
+    results, _ = tiny_run
+    skipped = {**results, "table2": None, "notes": ["Table 2 skipped: no clean model was given."]}
+    report = render_report(skipped)
+    section = report.split("## Table 2")[1].split("## Table 3")[0]
+    assert "Table 2 skipped: no clean model was given." in section and "|---" not in section
+
+
+def _plain_backbone(recognizer: Recognizer) -> Recognizer:
+    """The FSM model's backbone without its FSM branch."""
+    strip = lambda tree: {k: v for k, v in tree.items() if k != "fsm"}  # noqa: E731
+    variables = {k: strip(v) for k, v in recognizer.variables.items()}
+    return Recognizer(dataclasses.replace(recognizer.model, fsm_after=None), variables,
+                      dataclasses.replace(recognizer.config, model="resnet"))
+
+
+def test_situation_semantics(tiny):
+    from jaxdesens.jobs.search import search_data
+
+    fsm = load_recognizer(tiny["workdirs"][2])
+    masked_model = load_recognizer(tiny["workdirs"][1])
+    _, held_out = search_data(fsm, None)
+    evalset = identity_eval_set(held_out)
+    models = [Model("fsm", "fsm", fsm), Model("plain", "resnet", _plain_backbone(fsm)),
+              Model("mask", "mask", masked_model)]
+    embed = Embedder()
+    images = evalset.images
+    clean = {m.label: embed(m, images) for m in models}
+    ones = {m.label: embed(m, images, np.ones(images.shape[1:3], np.float32)) for m in models}
+    masked = {m.label: embed(m, images, tiny["mask"]) for m in models}
+    # Situation 3 of an FSM model is its plain backbone on clean images.
+    np.testing.assert_allclose(clean["fsm"], clean["plain"], rtol=1e-5, atol=1e-6)
+    table = situations(models, evalset, clean, masked)
+    assert table["fsm"]["situation3"] == table["plain"]["situation3"]
+    # The FSM branch is fed the mask: Situation 1 differs from the backbone on masked pixels.
+    assert not np.allclose(masked["fsm"], masked["plain"], atol=1e-4)
+    # A mask of all ones is no mask: Situation 1 (and 2) equal Situation 3 for every model.
+    for label, row in situations(models, evalset, clean, ones).items():
+        np.testing.assert_allclose(ones[label], clean[label], rtol=1e-5, atol=1e-6)
+        assert row["situation1"]["accuracy"] == row["situation3"]["accuracy"]
+        assert row["situation2"]["accuracy"] == row["situation3"]["accuracy"]
+    # Situation 2 pairs a clean query (left) with a masked gallery (right).
+    pairs = evalset.pairs
+    mixed = situations(models[2:], evalset, clean, masked)["mask"]["situation2"]
+    from jaxdesens.metrics.verification import verification_report
+
+    direct = verification_report(clean["mask"][pairs.left], masked["mask"][pairs.right], pairs.issame, pairs.fold)
+    assert mixed["accuracy"] == direct["accuracy"] and mixed["auc"] == direct["auc"]
+
+
+def test_attack_subset_is_balanced_bounded_and_remapped():
+    labels = np.repeat(np.arange(20), 5)
+    pairs = generate_pairs(labels, None, seed=0)
+    indices, sub = attack_subset(pairs, len(labels), 30, seed=0)
+    assert len(indices) <= 30 and len(np.unique(indices)) == len(indices)
+    assert sub.issame.any() and not sub.issame.all() and len(np.unique(sub.fold)) >= 2
+    assert abs(int(sub.issame.sum()) - int((~sub.issame).sum())) <= len(sub) // 2
+    assert (labels[indices[sub.left]] == labels[indices[sub.right]]).tolist() == sub.issame.tolist()
+    again = attack_subset(pairs, len(labels), 30, seed=0)
+    np.testing.assert_array_equal(again[0], indices)
+    all_indices, same = attack_subset(pairs, len(labels), 0)
+    assert len(all_indices) == len(labels) and same is pairs
+    with pytest.raises(ValueError, match="attack_images=2"):
+        attack_subset(pairs, len(labels), 2)
+
+
+def test_role_labels():
+    assert role_labels(["resnet", "mask", "fsm"], ["a", "b", "c"]) == ["resnet", "resnet-mask", "resnet-fsm"]
+    assert role_labels(["resnet", "fsm", "fsm"], ["a", "runs/fsm_l2", "runs/fsm_l3"]) == ["resnet", "fsm_l2", "fsm_l3"]
+    assert role_labels(["mask", "mask"], ["x/run", "y/run"]) == ["run#1", "run#2"]
+
+
+def _lfw_fixture(tmp_path: Path, lines: list[str]) -> tuple[Path, Path]:
+    """A pairs file of the given lines and stand-in images for every name it uses."""
+    pairs_path = tmp_path / "pairs.txt"
+    pairs_path.write_text("\n".join(lines) + "\n")
+    root = tmp_path / "lfw"
+    rng = np.random.default_rng(0)
+    for line in lines[1:]:
+        f = line.split("\t")
+        for name, index in ([(f[0], f[1]), (f[0], f[2])] if len(f) == 3 else [(f[0], f[1]), (f[2], f[3])]):
+            path = root / name / f"{name}_{int(index):04d}.jpg"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    return pairs_path, root
+
+
+def _real_pairs_lines(lfw_pairs_path: Path, folds: int = 2, per_class: int = 3) -> list[str]:
+    """The first `per_class` matched and mismatched lines of the real file's first folds."""
+    body = lfw_pairs_path.read_text().splitlines()
+    n = int(body[0].split()[1])
+    lines = [f"{folds}\t{per_class}"]
+    for fold in range(folds):
+        start = 1 + fold * 2 * n
+        lines += body[start:start + per_class] + body[start + n:start + n + per_class]
+    return lines
+
+
+def test_lfw_mode_with_stand_in_images(tiny, lfw_pairs_path, tmp_path):
+    pairs_path, root = _lfw_fixture(tmp_path, _real_pairs_lines(lfw_pairs_path))
+    evalset = lfw_eval_set(pairs_path, root, SIZE, 3)
+    assert len(evalset.pairs) == 12 and evalset.pairs.issame.sum() == 6
+    assert len(evalset.images) == len(list(root.glob("*/*.jpg")))  # each named image decoded once
+    # No clean model: Table 2 is skipped with a note, and Table 1 has no delta column.
+    job = EvaluateJob(checkpoints=tuple(str(w) for w in tiny["workdirs"][1:]), mask=str(tiny["mask_path"]),
+                      out=str(tmp_path / "out"), lfw_pairs=str(pairs_path), lfw_root=str(root), repeats=1,
+                      attacks="telea", flip=True)
+    results = run_evaluate_job(job, progress=False, log=lambda _: None)
+    assert results["data"]["kind"] == "LFW pairs" and results["data"]["pairs"] == 12 and results["data"]["folds"] == 2
+    assert results["table2"] is None and any("clean model" in n for n in results["notes"])
+    assert results["table1"]["delta"] is None
+    assert all(_finite(r["models"]["resnet-fsm"]["mean"]) for r in results["table1"]["rows"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "LFW pairs" in report and "Table 2 skipped" in report and "| δ |" not in report
+
+
+def test_lfw_synthetic_pairs_file_keeps_its_folds(tmp_path):
+    lines = ["2\t2", "A\t1\t2", "B\t1\t2", "A\t1\tB\t1", "C\t1\tA\t2",
+             "C\t1\t2", "B\t2\t3", "C\t2\tB\t3", "A\t2\tC\t1"]
+    pairs_path, root = _lfw_fixture(tmp_path, lines)
+    evalset = lfw_eval_set(pairs_path, root, SIZE, 3)
+    assert evalset.pairs.fold.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert evalset.pairs.issame.tolist() == [True, True, False, False] * 2
+    assert len(evalset.images) == 7 and evalset.identities == 3  # A1 A2 B1 B2 B3 C1 C2
+    # Pair 0 is A_1 vs A_2 and pair 2 is A_1 vs B_1: the same query image slot.
+    assert evalset.pairs.left[0] == evalset.pairs.left[2]
+
+
+def test_bad_inputs_name_the_paths(tiny, tmp_path):
+    clean = tiny["workdirs"][0]
+    other = tmp_path / "bigger"
+    other.mkdir()
+    record = json.loads((clean / "run.json").read_text())
+    record["config"]["image_size"] = 48
+    (other / "run.json").write_text(json.dumps(record))
+    job = dict(mask=str(tiny["mask_path"]), out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=f"{re.escape(str(clean))}: 32x32x3.*{re.escape(str(other))}: 48x48x3"):
+        run_evaluate_job(EvaluateJob(checkpoints=(str(clean), str(other)), **job), progress=False)
+    data = write_identity_folder(tmp_path / "faces", identities=4, per_identity=3)
+    with pytest.raises(ValueError, match=re.escape(f"--out={data / 'results'} lies inside --data={data}")):
+        run_evaluate_job(EvaluateJob(checkpoints=(str(clean),), mask=job["mask"], out=str(data / "results"),
+                                     data=str(data)), progress=False)
+    with pytest.raises(ValueError, match=re.escape(f"is the checkpoint workdir {clean}")):
+        run_evaluate_job(EvaluateJob(checkpoints=(str(clean),), mask=job["mask"], out=str(clean)), progress=False)
+    with pytest.raises(ValueError, match="--attacks: unknown method"):
+        EvaluateJob(attacks="telea,rfr-net")
+    with pytest.raises(ValueError, match="--lfw_pairs and --lfw_root go together"):
+        EvaluateJob(lfw_pairs="pairs.txt")
+
+
+def test_cli_reports_mismatched_checkpoints_clearly(tiny, tmp_path):
+    clean = tiny["workdirs"][0]
+    other = tmp_path / "small"
+    other.mkdir()
+    record = json.loads((clean / "run.json").read_text())
+    record["config"]["channels"] = 1
+    (other / "run.json").write_text(json.dumps(record))
+    proc = subprocess.run([PYTHON, str(ROOT / "launch" / "evaluate.py"), f"--checkpoint={clean}", f"--checkpoint={other}",
+                           f"--mask={tiny['mask_path']}", f"--out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and f"{other}: 32x32x1" in proc.stderr
+    missing = subprocess.run([PYTHON, str(ROOT / "launch" / "evaluate.py"), f"--checkpoint={tmp_path / 'nowhere'}",
+                              f"--mask={tiny['mask_path']}", f"--out={tmp_path / 'out'}"],
+                             capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and f"{tmp_path / 'nowhere'}: not a training workdir" in missing.stderr
+
+
+@pytest.mark.slow
+def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm_workdir, att_searched_mask,
+                                    tmp_path):
+    out = tmp_path / "eval"
+    job = EvaluateJob(checkpoints=(str(att_clean_workdir), str(att_mask_workdir), str(att_fsm_workdir)),
+                      mask=str(att_searched_mask), out=str(out), repeats=2, baseline_n=32, attack_images=40)
+    results = run_evaluate_job(job, progress=False, log=lambda _: None)
+    labels = ["resnet", "resnet-mask", "resnet-fsm"]
+    assert results["data"]["identities"] == 10 and results["data"]["images"] == 100
+    assert all(_finite(results["verification"][lb][c]["accuracy"]) for lb in labels for c in ("clean", "masked"))
+    assert all(_finite(m["mean"]) for row in results["table1"]["rows"] for m in row["models"].values())
+    assert all(_finite(v[c]["accuracy"]) for row in results["table2"]["rows"] for v in row["models"].values()
+               for c in ("masked", "inpainted"))
+    assert results["table3"]["ratio"] >= 0.6
+    assert all(_finite(row[k]) for row in results["table4"]["rows"] for k in ("dssim_mean", "psnr_mean"))
+    assert all(_finite(results["table5"][lb][s]["accuracy"]) for lb in labels for s in ("situation1", "situation2", "situation3"))
+    assert all(_finite(r["psnr_mean"]) for r in results["attacks"]["rows"][1:])
+    assert results["attacks"]["images"] <= 40
+    # A trained clean model recognizes clean held-out faces far above chance.
+    assert results["verification"]["resnet"]["clean"]["accuracy"] > 0.7
+    assert (out / "report.md").exists() and (out / "examples.png").exists()
