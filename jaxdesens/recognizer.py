@@ -44,15 +44,16 @@ class Recognizer:
               flip: bool = False) -> np.ndarray:
         """Embeddings `(N, D)` of uint8 (or [0, 1] float) NHWC images, optionally under a mask.
 
-        `mask` is one `(H, W)` mask for all images or `(N, H, W)` / `(N, H, W, 1)`, one per image.
+        `mask` is one `(H, W)` / `(1, H, W, 1)` mask for all images or `(N, H, W[, 1])`, one per image.
         With `flip`, the embedding of the mirrored image is added (flip-augmented embeddings).
         """
         fn = _embed_fn(self.model, mask is not None)
         height, width = images.shape[1:3]
         if mask is not None:
-            mask = np.asarray(mask, np.float32)
-            mask = (np.broadcast_to(mask.reshape(1, height, width, 1), (len(images), height, width, 1))
-                    if mask.ndim == 2 else mask.reshape(len(images), height, width, 1))
+            mask = np.asarray(mask, np.float32).reshape(-1, height, width, 1)
+            if len(mask) not in (1, len(images)):
+                raise ValueError(f"{len(mask)} masks for {len(images)} images; give one mask or one per image")
+            mask = np.broadcast_to(mask, (len(images), height, width, 1))
         out = []
         for start, (chunk, valid) in zip(range(0, len(images), batch_size), eval_batches(images, batch_size)):
             m = None if mask is None else next(eval_batches(mask[start:start + valid], batch_size))[0]

@@ -43,9 +43,10 @@ class MaskSource:
     bank: jax.Array | None = None  # (levels, per_level, H, W) uint8
 
     def sample(self, key: jax.Array, n: int) -> jax.Array | None:
-        """(n, H, W, 1) masks, or None for clean training."""
+        """Masks that broadcast over n images: (n, H, W, 1) from the bank, (1, H, W, 1) for a
+        fixed mask (so the FSM branch runs once per step), or None for clean training."""
         if self.fixed is not None:
-            return jnp.broadcast_to(self.fixed[None, :, :, None], (n, *self.fixed.shape, 1))
+            return self.fixed[None, :, :, None]
         if self.bank is not None:
             return levels.level_masks(key, self.bank, n)[..., None]
         return None

@@ -89,3 +89,21 @@ def test_bad_model_settings():
         ResNet(depth=50).init(jax.random.key(0), IMAGES)
     with pytest.raises(ValueError, match="fsm_after"):
         ResNet(depth=18, fsm_after=5).init(jax.random.key(0), IMAGES, jnp.ones((32, 32)))
+
+
+def test_one_shared_mask_equals_the_mask_repeated_per_image(fsm_model):
+    """The FSM branch runs once for a shared mask; BatchNorm statistics and gradients agree."""
+    model, variables = fsm_model
+    mask = jnp.ones((1, 32, 32, 1)).at[:, 4:20, 6:30].set(0)
+    repeated = jnp.broadcast_to(mask, (3, 32, 32, 1))
+
+    def loss(params, m):
+        (logits, _), updates = model.apply({**variables, "params": params}, IMAGES * m, m, train=True,
+                                           mutable=["batch_stats"])
+        return logits.sum(), updates
+
+    (a, stats_a), grads_a = jax.value_and_grad(loss, has_aux=True)(variables["params"], mask)
+    (b, stats_b), grads_b = jax.value_and_grad(loss, has_aux=True)(variables["params"], repeated)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves((stats_a, grads_a)), jax.tree.leaves((stats_b, grads_b))):
+        np.testing.assert_allclose(x, y, rtol=5e-3, atol=2e-4)  # BN variance: E[x^2] - E[x]^2 rounding

@@ -94,10 +94,17 @@ class ResNet(nn.Module):
 
 
 def broadcast_mask(mask: jax.Array, image_shape: Sequence[int]) -> jax.Array:
-    """(H, W), (H, W, 1), (N, H, W) or (N, H, W, 1) -> (N, H, W, 1) float32."""
+    """(H, W), (H, W, 1), (N, H, W) or (N, H, W, 1) -> (N, H, W, 1) or (1, H, W, 1) float32.
+
+    One mask shared by the whole batch stays a batch of one: the FSM branch then runs once and
+    its gate broadcasts over the batch. That is exact, BatchNorm included: a batch of identical
+    masks has the same statistics as one of them.
+    """
     mask = jnp.asarray(mask, jnp.float32)
     if mask.ndim == 2:
         mask = mask[None, :, :, None]
     elif mask.ndim == 3:
         mask = mask[..., None] if mask.shape[0] == image_shape[0] and mask.shape[-1] != 1 else mask[None]
-    return jnp.broadcast_to(mask, (image_shape[0], *image_shape[1:3], 1))
+    if mask.shape[0] not in (1, image_shape[0]) or mask.shape[1:3] != tuple(image_shape[1:3]):
+        raise ValueError(f"mask of shape {mask.shape} does not fit images of shape {tuple(image_shape)}")
+    return mask
