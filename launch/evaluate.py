@@ -27,6 +27,7 @@ HELP = {
             "its held-out identities are the test set, its training identities score the Table 2 baseline",
     "lfw_pairs": "LFW pairs.txt: test on these pairs instead of the held-out identities",
     "lfw_root": "LFW image root (Name/Name_0001.jpg), with --lfw_pairs",
+    "test_data": "identity folder of test identities no model trained on (all of them are used for pairs)",
     "flip": "flip-augmented embeddings (embedding of the image plus its mirror)",
     "repeats": "Table 1: repeats of the random level masks (the paper: 5)",
     "baseline_n": "Table 2: random masks scored per hole-ratio level (0 skips Table 2)",

@@ -8,20 +8,23 @@ from jaxdesens.data.errors import DataError
 from jaxdesens.data.identity import IdentitySet
 
 
-def split_identities(dataset: IdentitySet, holdout: float | int, seed: int = 0) -> tuple[IdentitySet, IdentitySet]:
-    """Splits into (train, held-out) sets with no identity in both; each relabelled 0..k-1.
+def held_out_indices(n: int, holdout: float | int, seed: int = 0, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) identity indices out of `n` sorted identities, both sorted.
 
     `holdout` is a fraction of identities (0 < holdout < 1) or a count (>= 1). The choice depends
-    only on the identity names and the seed, so the same folder always splits the same way.
+    only on the number of identities and the seed, so the same folder always splits the same way.
     """
-    n = dataset.num_classes
     count = int(round(holdout * n)) if 0 < holdout < 1 else int(holdout)
     if not 1 <= count < n:
-        raise DataError(f"{dataset.source}: cannot hold out {holdout} of {n} identities; "
+        raise DataError(f"{source}: cannot hold out {holdout} of {n} identities; "
                         "need at least one identity on each side")
     order = np.random.default_rng(seed).permutation(n)
-    held = np.sort(order[:count])
-    kept = np.sort(order[count:])
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
+def split_identities(dataset: IdentitySet, holdout: float | int, seed: int = 0) -> tuple[IdentitySet, IdentitySet]:
+    """Splits into (train, held-out) sets with no identity in both; each relabelled 0..k-1."""
+    kept, held = held_out_indices(dataset.num_classes, holdout, seed, dataset.source)
     return dataset.subset(kept), dataset.subset(held)
 
 

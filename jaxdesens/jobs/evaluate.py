@@ -69,6 +69,7 @@ class EvaluateJob:
     data: str | None = None
     lfw_pairs: str | None = None
     lfw_root: str | None = None
+    test_data: str | None = None
     flip: bool = False
     repeats: int = 5
     baseline_n: int = 200
@@ -812,7 +813,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def check_out(job: EvaluateJob, data: str | None) -> Path:
     out = Path(job.out).resolve()
-    for name, folder in (("--data", data), ("--lfw_root", job.lfw_root)):
+    for name, folder in (("--data", data), ("--lfw_root", job.lfw_root), ("--test_data", job.test_data)):
         if folder is not None and _inside(out, Path(folder).resolve()):
             raise ValueError(f"--out={job.out} lies inside {name}={folder}; write results outside the data")
     for workdir in job.checkpoints:
@@ -854,8 +855,13 @@ def run_evaluate_job(job: EvaluateJob, progress: bool = True, log: Callable[[str
     if not job.mask or not job.out:
         raise ValueError("--mask (the searched mask, e.g. from launch/search.py) and --out are required")
     lfw = job.lfw_pairs is not None
+    if lfw and job.test_data is not None:
+        raise ValueError("give either --lfw_pairs/--lfw_root or --test_data, not both")
+    # A separate test set (LFW, or --test_data: identities no model trained on) frees the models
+    # from sharing one training split or one training set.
+    separate = lfw or job.test_data is not None
     records = [read_run_record(w) for w in job.checkpoints]
-    check_compatible(job.checkpoints, records, lfw)
+    check_compatible(job.checkpoints, records, separate)
     data = job.data if job.data is not None else records[0]["config"].get("data")
     out = check_out(job, data)
     out.mkdir(parents=True, exist_ok=True)
@@ -870,23 +876,31 @@ def run_evaluate_job(job: EvaluateJob, progress: bool = True, log: Callable[[str
     size, channels = config.image_size, config.channels
 
     train_set = None
-    need_train = not lfw or (job.baseline_n > 0 and "resnet" in roles)
+    need_train = not separate or (job.baseline_n > 0 and "resnet" in roles)
     if need_train:
         clean_first = next((m for m in models if m.role == "resnet"), models[0])
         try:
             train_set, held_out = search_data(clean_first.recognizer, job.data)
         except DataError as err:
-            hint = " (or pass --baseline_n=0 to skip Table 2)" if lfw else ""
+            hint = " (or pass --baseline_n=0 to skip Table 2)" if separate else ""
             raise DataError(f"{err}{hint}") from err
-        for model, record in zip(models, records):
+        for model, record in zip(models, records if not separate else ()):
             classes = model.recognizer.variables["params"]["head"]["kernel"].shape[-1]
             stored = record.get("data_fingerprint")
-            if classes != train_set.num_classes or (not lfw and stored and stored != train_set.fingerprint):
+            if classes != train_set.num_classes or (stored and stored != train_set.fingerprint):
                 raise DataError(f"{model.workdir} was trained on other data than {train_set.source} "
                                 f"({classes} classes, data fingerprint {stored} vs {train_set.fingerprint}); "
                                 "its held-out identities would not be held out")
     if lfw:
         evalset = lfw_eval_set(job.lfw_pairs, job.lfw_root, size, channels)
+    elif job.test_data is not None:
+        from jaxdesens.data import load_dataset
+
+        test_set = load_dataset(job.test_data, size, channels, progress=progress)
+        if test_set.mask is not None:
+            raise DataError(f"{job.test_data}: a desensitized export; --test_data needs the clean test images")
+        evalset = identity_eval_set(test_set)
+        evalset = dataclasses.replace(evalset, kind="test identities")
     else:
         evalset = identity_eval_set(held_out)
     raw_mask = load_mask(job.mask)
