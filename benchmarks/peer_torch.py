@@ -330,7 +330,7 @@ class Runner:
                 raise TimeoutError(f"time budget spent before M={m}")
             masks = (torch.rand(m, size, size, generator=self.gen) < 0.7).float().to(self.device)
 
-            def call():
+            def call(masks=masks):
                 with torch.inference_mode():
                     return scorer(images, labels, masks)
 

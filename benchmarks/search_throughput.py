@@ -13,7 +13,6 @@ import common  # noqa: F401  (puts the repository on sys.path)
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdesens.masks.freeform import StrokeRanges
 from jaxdesens.models import ResNet

@@ -28,6 +28,7 @@ HELP = {
     "without_ebp": "ablation: no template (S empty)",
     "level": "Section 4.2 baseline: candidates from this hole-ratio level (0..5) instead of free-form strokes",
     "min_ratio": "policy floor: candidates hiding less than this share are rejected",
+    "adapt_floor": "lower the floor to 90%% of what the template leaves hideable when T keeps too much",
     "bf16": "score in bfloat16", "evaluate": "compare held-out verification under the mask and random masks",
     "saliency_layer": "layer the EBP map is read at", "contrast_layer": "layer the contrastive signal is taken at",
 }

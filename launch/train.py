@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from jaxdesens.train import train_and_evaluate
 
-    result = train_and_evaluate(dataclass_from_args(TrainConfig, args), args.workdir, progress=args.progress)
+    train_and_evaluate(dataclass_from_args(TrainConfig, args), args.workdir, progress=args.progress)
     print(f"results in {args.workdir}/eval.json")
 
 

@@ -47,7 +47,8 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int = 3) -> n
     try:
         with Image.open(path) as image:
             image.load()
-            image = image.convert("L")  if channels == 1 or image.mode in ("L", "I", "I;16", "F", "1", "LA") else image.convert("RGB")
+            grey = channels == 1 or image.mode in ("L", "I", "I;16", "F", "1", "LA")
+            image = image.convert("L") if grey else image.convert("RGB")
             image = resize_and_center_crop(image, image_size)
             array = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

@@ -40,6 +40,7 @@ class SearchJob:
     K: int = 64
     gamma: float | None = None
     min_ratio: float = 0.6
+    adapt_floor: bool = False
     batch_images: int = 32
     chunk: int = 0
     seed: int = 0
@@ -146,14 +147,19 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     save_template_figure(out / "template_thresholds.png", mean_map, example=train_set.images[template_idx[0]])
     log(f"template: K={len(template_idx)} images, T={job.T}: keeps {template.mean():.1%} of the pixels"
         + (" (ignored: --without_ebp)" if job.without_ebp else ""))
-    if 1.0 - template.mean() < job.min_ratio:
+    min_ratio = job.min_ratio
+    if job.adapt_floor and 1.0 - template.mean() < min_ratio:
+        min_ratio = 0.9 * (1.0 - float(template.mean()))
+        log(f"the template leaves {1 - template.mean():.0%} to hide: ratio floor lowered to {min_ratio:.2f}")
+    if 1.0 - template.mean() < min_ratio:
         kept = {t: f"{(mean_map > t).mean():.0%}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
         raise ValueError(f"the template at --T={job.T} keeps {template.mean():.0%} of the pixels, so no candidate "
                          f"can hide --min_ratio={job.min_ratio}; raise --T (pixels kept by T: {kept}) "
                          "or lower --min_ratio")
 
     gamma = default_gamma(train_set.num_classes) if job.gamma is None else job.gamma
-    config = SearchConfig(n=job.n, gamma=gamma, min_ratio=job.min_ratio, batch_images=len(score_idx), chunk=job.chunk, seed=job.seed)
+    config = SearchConfig(n=job.n, gamma=gamma, min_ratio=min_ratio, batch_images=len(score_idx), chunk=job.chunk,
+                          seed=job.seed)
     candidates = None
     if job.level >= 0:
         candidates = levels.masks_at_level(jax.random.key(job.seed), job.level, job.n, *size)
@@ -179,7 +185,8 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     grid += [[m, *(faces * m[None, :, :, None])] for m in top_masks]
     figures.save_grid(out / "top_masks.png", grid, labels=["mask", "face 1", "face 2", "face 3"])
 
-    summary: dict[str, Any] = {"settings": dataclasses.asdict(job), "gamma": gamma, "best_index": result.best_index, **result.best(),
+    summary: dict[str, Any] = {"settings": dataclasses.asdict(job), "gamma": gamma, "min_ratio": min_ratio,
+                               "best_index": result.best_index, **result.best(),
                                "template_kept": float(template.mean()), "masks_per_s": result.masks_per_s,
                                "seconds": result.seconds, "device": jax.devices()[0].device_kind,
                                "scoring_images": len(score_idx), "template_images": len(template_idx)}
