@@ -16,7 +16,8 @@ resumes; a killed training resumes from its last checkpoint):
   threshold_T{t}/  search + mask/fsm training at threshold t (Table 8, presets that ask for it)
   no_ebp/    the search without the template          (ablation, paper Table 6)
   evaluate/  launch/evaluate.py of clean, mask and fsm on owner/test (Tables 1-5, attacks)
-  report.md, report.json   everything above in one place
+  report.md, report.json, timings.json   everything above in one place
+To redo a stage, delete its folder and the folders of the stages after it.
 """
 
 from __future__ import annotations
@@ -234,12 +235,18 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         raise ValueError(f"--workdir={job.workdir} lies inside --data={job.data}; write outputs elsewhere")
     root.mkdir(parents=True, exist_ok=True)
     p = job.settings
-    timings: dict[str, float] = {}
+    timings_file = root / "timings.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
+        """Runs a stage; a stage that finds its results on disk returns at once and keeps the time
+        it took when it did run (timings.json), so the report shows real durations after a resume."""
         start = time.perf_counter()
         result = fn()
-        timings[name] = round(time.perf_counter() - start, 1)
+        elapsed = round(time.perf_counter() - start, 1)
+        if elapsed >= 1.0 or name not in timings:
+            timings[name] = elapsed
+            write_json_atomic(timings_file, timings)
         return result
 
     owner = root / "owner"
@@ -292,12 +299,16 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         thresholds[f"{t:g}"] = row
     ablations["thresholds"] = thresholds
 
-    stage("evaluate", lambda: run_evaluate_job(EvaluateJob(
+    evaluate_job = EvaluateJob(
         checkpoints=tuple(str(root / name) for name in ("clean", "resnet-mask-levels", "resnet-mask", "fsm")),
         mask=str(mask_file),
         out=str(root / "evaluate"), data=str(owner / "train"), test_data=str(owner / "test"), repeats=p.repeats,
-        baseline_n=p.baseline_n, attack_images=p.attack_images, attacks=p.attacks, seed=job.seed),
-        progress=progress, log=lambda m: log(f"evaluate: {m}")))
+        baseline_n=p.baseline_n, attack_images=p.attack_images, attacks=p.attacks, seed=job.seed)
+    if _done(root / "evaluate" / "report.md"):
+        log("evaluate: finished earlier, kept")
+    else:
+        stage("evaluate", lambda: run_evaluate_job(evaluate_job, progress=progress,
+                                                   log=lambda m: log(f"evaluate: {m}")))
 
     report = {"command": command or shlex.join(["python", "launch/pipeline.py"]), "job": dataclasses.asdict(job),
               "preset": dataclasses.asdict(p), "split": split, "training": {"clean": clean, **trained},
