@@ -590,7 +590,7 @@ def test_contrastive_is_target_minus_dual_at_any_contrast_layer(resnet, plain, d
 
 def test_contrastive_map_is_clamped_difference(resnet, plain, dual):
     _, _, folded, images = resnet
-    maps = np.asarray(saliency_maps(folded, images, TARGETS))  # defaults: layer1, contrast layer4
+    maps = np.asarray(saliency_maps(folded, images, TARGETS, saliency_layer="layer1"))  # contrast: layer4
     diff = np.maximum(plain["layer1"] - dual["layer1"], 0.0)
     resized = np.maximum(np.asarray(jax.image.resize(diff, (diff.shape[0], *IMAGE_HW), "bilinear")), 0.0)
     expected = resized / resized.max(axis=(1, 2), keepdims=True)

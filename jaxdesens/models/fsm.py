@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdesens.models.conv import Conv
+
 FSM_WIDTH = 32
 
 
@@ -39,11 +41,12 @@ class FeatureSelectionMasknet(nn.Module):
         while resized.shape[1:3] != tuple(feature_hw):
             if resized.shape[1] < feature_hw[0] or resized.shape[2] < feature_hw[1]:
                 raise ValueError(f"mask {mask.shape[1:3]} cannot be halved down to feature size {feature_hw}")
-            h = nn.Conv(self.hidden, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                        dtype=self.dtype, name=f"conv{module}")(h)
-            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"bn{module}")(h)
+            h = Conv(self.hidden, 3, 2, padding=1, dtype=self.dtype, name=f"conv{module}")(h)
+            # Two-pass variance: mask features are near-constant, where E[x^2] - E[x]^2 cancels badly.
+            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, use_fast_variance=False, dtype=self.dtype,
+                             name=f"bn{module}")(h)
             h = nn.relu(h)
             resized = downsample_mask(resized)
             module += 1
-        gates = nn.sigmoid(nn.Conv(self.channels, (1, 1), dtype=self.dtype, name="gate")(h).astype(jnp.float32))
+        gates = nn.sigmoid(Conv(self.channels, 1, use_bias=True, dtype=self.dtype, name="gate")(h).astype(jnp.float32))
         return gates * (1.0 - resized) + resized

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdesens.models.conv import conv2d
 from jaxdesens.models.resnet import BN_EPSILON, STAGE_NAMES, STAGE_SIZES
 
 BOUNDARIES = ("input", "stem", *STAGE_NAMES, "logits")
-_DIMS = ("NHWC", "HWIO", "NHWC")
 
 Folded = dict[str, Any]
 
@@ -59,7 +59,7 @@ def depth_of(folded: Folded) -> int:
 def conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     """Convolution with PyTorch-style symmetric padding (k // 2), as in `resnet.py`."""
     pad = w.shape[0] // 2
-    return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DIMS)
+    return conv2d(x, w, stride, ((pad, pad), (pad, pad)))
 
 
 def max_pool(x: jax.Array) -> jax.Array:

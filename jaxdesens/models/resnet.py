@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdesens.models.conv import Conv
 from jaxdesens.models.fsm import FeatureSelectionMasknet
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -34,16 +35,16 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(Conv, dtype=self.dtype)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                                  epsilon=BN_EPSILON, dtype=self.dtype)
-        y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)), name="conv1")(x)
+        y = conv(self.filters, 3, self.strides, padding=1, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
+        y = conv(self.filters, 3, padding=1, name="conv2")(y)
         # Zero-initialised last scale: every block starts as the identity (Goyal et al.).
         y = norm(scale_init=nn.initializers.zeros, name="bn2")(y)
         if self.strides != 1 or x.shape[-1] != self.filters:
-            x = conv(self.filters, (1, 1), (self.strides, self.strides), padding="VALID", name="proj_conv")(x)
+            x = conv(self.filters, 1, self.strides, name="proj_conv")(x)
             x = norm(name="proj_bn")(x)
         return nn.relu(y + x)
 
@@ -71,8 +72,7 @@ class ResNet(nn.Module):
         if self.fsm_after is not None and self.fsm_after not in (1, 2, 3, 4):
             raise ValueError(f"fsm_after must be 1..4 or None, got {self.fsm_after}")
         x = (images.astype(self.dtype) - 0.5) / 0.5
-        x = nn.Conv(stage_width(0, self.width), (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    dtype=self.dtype, name="stem_conv")(x)
+        x = Conv(stage_width(0, self.width), 7, 2, padding=3, dtype=self.dtype, name="stem_conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                          dtype=self.dtype, name="stem_bn")(x)
         x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
