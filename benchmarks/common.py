@@ -56,6 +56,20 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The network every JAX benchmark builds: the paper's ResNet-34 at 112 px by default."""
+    parser.add_argument("--depth", type=int, default=34)
+    parser.add_argument("--image_size", type=int, default=112)
+    parser.add_argument("--classes", type=int, default=8631, help="head size (8,631 as VGGFace2)")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--bf16", action="store_true")
+
+
+def quick_model(args: argparse.Namespace) -> None:
+    """CI-sized network and timing for `--quick`."""
+    args.depth, args.image_size, args.classes, args.width, args.windows, args.iters = 18, 32, 10, 0.125, 2, 1
+
+
 def finish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]], path: Path | None) -> dict[str, Any]:
     """Writes `{"benchmark", "machine", "settings", "results"}` and prints the table last."""
     report = {"benchmark": name, "machine": machine(), "settings": settings, "results": rows}

@@ -23,20 +23,16 @@ from jaxdesens.search import make_candidates, score_masks
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--depth", type=int, default=34)
-    parser.add_argument("--image_size", type=int, default=112)
-    parser.add_argument("--classes", type=int, default=8631)
+    common.add_model_flags(parser)
     parser.add_argument("--batch_images", type=int, default=32, help="B: images each mask is scored on")
     parser.add_argument("--chunk", default="256", help="masks per vmapped call (comma-separated to try several)")
     parser.add_argument("--ebp_batch", type=int, default=256)
     parser.add_argument("--generation_chunk", type=int, default=4096)
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--saliency_layer", default="layer2")
     args = parser.parse_args()
     if args.quick:
-        args.depth, args.image_size, args.classes, args.batch_images, args.chunk = 18, 32, 10, 4, "8"
-        args.ebp_batch, args.generation_chunk, args.width, args.windows, args.iters = 8, 64, 0.125, 2, 1
+        common.quick_model(args)
+        args.batch_images, args.chunk, args.ebp_batch, args.generation_chunk = 4, "8", 8, 64
     size, dtype = args.image_size, jnp.bfloat16 if args.bf16 else jnp.float32
     model = ResNet(depth=args.depth, num_classes=args.classes, width=args.width)
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))

@@ -24,19 +24,15 @@ from jaxdesens.train import MaskSource, build_model, compile_train_step, create_
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--depth", type=int, default=34)
-    parser.add_argument("--image_size", type=int, default=112)
-    parser.add_argument("--classes", type=int, default=8631)
+    common.add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--embed_batch", type=int, default=512)
-    parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--fsm_after", type=int, default=3)
-    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--models", default="resnet,mask,fsm")
     args = parser.parse_args()
     if args.quick:
-        args.depth, args.image_size, args.classes, args.batch, args.embed_batch = 18, 32, 10, 8, 8
-        args.width, args.windows, args.iters = 0.125, 2, 1
+        common.quick_model(args)
+        args.batch, args.embed_batch = 8, 8
     size = args.image_size
     mesh = parallel.make_mesh()
     rng = np.random.default_rng(0)
