@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdesens.masks.freeform import StrokeRanges
+from jaxdesens.models import conv
 from jaxdesens.models import ResNet
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import saliency_maps
@@ -51,7 +52,8 @@ def main() -> None:
         r = common.time_it(lambda: scorer(folded, images, labels, masks, gamma, floor)["objective"].block_until_ready(),
                            chunk, windows=args.windows, iters=args.iters)
         rows.append({"name": "scoring", "value": r["per_s"], "unit": "masks/s", "chunk": chunk,
-                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {jnp.dtype(dtype).name}",
+                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {jnp.dtype(dtype).name}"
+                              + (", space-to-depth stem" if conv.SPACE_TO_DEPTH else ""),
                      "images_per_s": r["per_s"] * args.batch_images, **r})
 
     indices = jnp.arange(args.generation_chunk)
@@ -75,7 +77,8 @@ def main() -> None:
         rows.append({"name": name, "value": r["per_s"], "unit": "maps/s",
                      "notes": f"contrastive, {args.saliency_layer}, {jnp.dtype(weights['stem']['w'].dtype).name}; "
                               f"{r['per_s'] / r_fwd['per_s']:.2f} x forward", "ratio_to_forward": r["per_s"] / r_fwd["per_s"], **r})
-    common.finish("search_throughput", vars(args) | {"json": str(args.json)}, rows, args.json)
+    settings = vars(args) | {"json": str(args.json), "space_to_depth_stem": conv.SPACE_TO_DEPTH}
+    common.finish("search_throughput", settings, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def main(directory: str) -> None:
             unit = row.get("unit", "masks/s" if "masks_per_s" in row else "images/s")
             lines.append(f"| {label} | {number:,.1f} | {unit} | {row.get('notes', '')} |")
     ratios = {}
-    scoring = max((row["value"] for row in reports.get("search", {}).get("results", []) if row["name"] == "scoring"),
-                  default=None)
+    scoring = max((row["value"] for report in reports.values() if report.get("benchmark") == "search_throughput"
+                   for row in report["results"] if row["name"] == "scoring"), default=None)
     torch_scoring = max((_number(row) for row in reports.get("peer_torch", {}).get("results", [])
                          if row["name"] == "scoring" and row.get("variant") == "compile"), default=None)
     if scoring and torch_scoring:

@@ -5,10 +5,19 @@ convolution on the 2x2 or 1x1 maps that layer3/layer4 reach at 32-64 px): 540 ms
 for a 512-channel layer on 64 images. There, and only on the CPU, the convolution is computed as
 shifted slices times a matrix (im2col), which is exact and differentiable; everywhere else it is
 `lax.conv_general_dilated`.
+
+A strided convolution on few input channels (the 7x7 stride-2 stem on RGB) can instead run as
+a stride-1 convolution on a space-to-depth view of its input (the same linear map with the
+kernel rearranged, as MLPerf ResNets do on TPUs). If the 3 channels are padded to 8 for tensor
+cores, that trades a 392-long padded reduction for a 256-long one. It is off unless
+`JAXDESENS_SPACE_TO_DEPTH=1` is set before the process starts: on the CPU it is 2.6x slower
+(measured), and on GPUs it awaits a measurement (`benchmarks/gpu_suite.sh` runs both).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +27,8 @@ from jax import lax
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
+SPACE_TO_DEPTH = os.environ.get("JAXDESENS_SPACE_TO_DEPTH", "0") == "1"
+SPACE_TO_DEPTH_MAX_CHANNELS = 4
 
 
 def _by_matmul(x: jax.Array, w: jax.Array, stride: int, padding: Padding) -> jax.Array:
@@ -30,9 +41,33 @@ def _by_matmul(x: jax.Array, w: jax.Array, stride: int, padding: Padding) -> jax
     return patches @ w.reshape(kh * kw * cin, cout)
 
 
+def _by_space_to_depth(x: jax.Array, w: jax.Array, stride: int, padding: Padding) -> jax.Array:
+    """`stride`-strided convolution as a stride-1 one on `stride x stride` blocks of the input.
+
+    With the kernel zero-padded to `s * q` taps, `out[i] = sum_{q, r} x[s (i + q) + r] w[s q + r]`:
+    a convolution over block index `q` whose channels are (r, t, c).
+    """
+    kh, kw, cin, cout = w.shape
+    s = stride
+    (top, bottom), (left, right) = padding
+    out_h = (x.shape[1] + top + bottom - kh) // s + 1
+    out_w = (x.shape[2] + left + right - kw) // s + 1
+    qh, qw = math.ceil(kh / s), math.ceil(kw / s)
+    rows, cols = s * (out_h + qh - 1), s * (out_w + qw - 1)
+    x = jnp.pad(x, ((0, 0), (top, max(0, rows - x.shape[1] - top)), (left, max(0, cols - x.shape[2] - left)), (0, 0)))
+    x = x[:, :rows, :cols]
+    n = x.shape[0]
+    x = x.reshape(n, rows // s, s, cols // s, s, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, rows // s, cols // s, -1)
+    w = jnp.pad(w, ((0, s * qh - kh), (0, s * qw - kw), (0, 0), (0, 0)))
+    w = w.reshape(qh, s, qw, s, cin, cout).transpose(0, 2, 1, 3, 4, 5).reshape(qh, qw, s * s * cin, cout)
+    return lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=DIMENSIONS)
+
+
 def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: Padding) -> jax.Array:
     if jax.default_backend() == "cpu" and (x.shape[1] < w.shape[0] or x.shape[2] < w.shape[1]):
         return _by_matmul(x, w, stride, padding)
+    if SPACE_TO_DEPTH and stride > 1 and w.shape[2] <= SPACE_TO_DEPTH_MAX_CHANNELS:
+        return _by_space_to_depth(x, w, stride, padding)
     return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DIMENSIONS)
 
 
