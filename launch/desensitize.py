@@ -17,7 +17,7 @@ import argparse
 
 import _path  # noqa: F401
 
-from jaxdesens.cli import add_dataclass_flags, dataclass_from_args, run
+from jaxdesens.cli import add_dataclass_flags, add_progress_flag, dataclass_from_args, run
 from jaxdesens.desensitize.export import ExportJob
 
 HELP = {
@@ -40,7 +40,7 @@ HELP = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--progress", type=lambda s: s.lower() != "false", default=True, help="show a progress bar")
+    add_progress_flag(parser, default=True)
     add_dataclass_flags(parser, ExportJob, HELP)
     args = parser.parse_args(argv)
     from jaxdesens.desensitize.export import run_export

@@ -17,7 +17,7 @@ import sys
 
 import _path  # noqa: F401
 
-from jaxdesens.cli import add_dataclass_flags, dataclass_from_args, run
+from jaxdesens.cli import add_dataclass_flags, add_progress_flag, dataclass_from_args, run
 from jaxdesens.jobs.evaluate import EvaluateJob
 
 HELP = {
@@ -45,12 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      conflict_handler="resolve")
-    parser.add_argument("--progress", type=lambda s: s.lower() != "false", default=True)
-    add_dataclass_flags(parser, EvaluateJob, HELP)
+    add_progress_flag(parser, default=True)
+    add_dataclass_flags(parser, EvaluateJob, HELP, defaults={"out": "runs/evaluate"})
     # One --checkpoint per model (repeatable); replaces the generic --checkpoints flag.
     parser.add_argument("--checkpoint", "--checkpoints", dest="checkpoints", action="append", default=[],
                         metavar="WORKDIR", help="training workdir of a model (repeat for several models)")
-    parser.set_defaults(out="runs/evaluate")
     args = parser.parse_args(argv)
     from jaxdesens.jobs.evaluate import run_evaluate_job
 

@@ -26,7 +26,7 @@ import sys
 
 import _path  # noqa: F401
 
-from jaxdesens.cli import add_dataclass_flags, dataclass_from_args, run
+from jaxdesens.cli import add_dataclass_flags, add_progress_flag, dataclass_from_args, run
 from jaxdesens.config import TrainConfig
 
 HELP = {
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/federated", help="checkpoints, rounds.jsonl, eval.json (resumable)")
-    parser.add_argument("--progress", type=lambda s: s.lower() != "false", default=False, help="data loading progress")
+    add_progress_flag(parser, default=False)
     parser.add_argument("--engine", choices=ENGINES, default="simulation", help="simulation (one process) or flower")
     parser.add_argument("--role", choices=("all", "server", "client"), default="all",
                         help="flower: all = server + clients on 127.0.0.1; server or client for one machine each")
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                              "--data is this client's own folder (real deployment)")
     parser.add_argument("--stop_after", type=int, default=None,
                         help="stop after this round (a later run with the same workdir resumes)")
-    add_dataclass_flags(parser, TrainConfig, HELP)
+    add_dataclass_flags(parser, TrainConfig, HELP, defaults=DEFAULTS)
     add_dataclass_flags(parser, FederatedConfig, HELP)
-    parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(argv)
     if args.steps != TrainConfig.steps:
         raise ValueError("--steps is not used in federated training: it runs --rounds x --local_steps steps")

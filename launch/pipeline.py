@@ -16,7 +16,7 @@ import sys
 
 import _path  # noqa: F401
 
-from jaxdesens.cli import add_dataclass_flags, dataclass_from_args, run
+from jaxdesens.cli import add_dataclass_flags, add_progress_flag, dataclass_from_args, run
 from jaxdesens.jobs.pipeline import PRESETS, PipelineJob
 
 HELP = {"data": "identity folder (one sub-folder per identity); none = the built-in synthetic faces",
@@ -26,7 +26,7 @@ HELP = {"data": "identity folder (one sub-folder per identity); none = the built
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--progress", type=lambda s: s.lower() != "false", default=True)
+    add_progress_flag(parser, default=True)
     add_dataclass_flags(parser, PipelineJob, HELP)
     args = parser.parse_args(argv)
     from jaxdesens.jobs.pipeline import run_pipeline

@@ -14,7 +14,7 @@ import argparse
 
 import _path  # noqa: F401
 
-from jaxdesens.cli import add_dataclass_flags, dataclass_from_args, run
+from jaxdesens.cli import add_dataclass_flags, add_progress_flag, dataclass_from_args, run
 from jaxdesens.jobs.search import SearchJob
 
 HELP = {
@@ -36,9 +36,8 @@ HELP = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--progress", type=lambda s: s.lower() != "false", default=True)
-    add_dataclass_flags(parser, SearchJob, HELP)
-    parser.set_defaults(out="runs/search")
+    add_progress_flag(parser, default=True)
+    add_dataclass_flags(parser, SearchJob, HELP, defaults={"out": "runs/search"})
     args = parser.parse_args(argv)
     from jaxdesens.jobs.search import run_search_job
 

@@ -54,8 +54,10 @@ class SearchJob:
     random_repeats: int = 5
 
     def __post_init__(self):
-        if not self.checkpoint or not self.out:
-            raise ValueError("--checkpoint and --out are required")
+        if not self.checkpoint:
+            raise ValueError("--checkpoint is required: the workdir of a clean model (launch/train.py --model=resnet)")
+        if not self.out:
+            raise ValueError("--out is required: the folder for the mask, the template and the candidate table")
         if not -1 <= self.level < len(levels.LEVELS):
             raise ValueError(f"--level must be -1 (free-form candidates) or 0..{len(levels.LEVELS) - 1}, got {self.level}")
         if self.K < 1:
