@@ -48,15 +48,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 except ImportError as err:  # pragma: no cover - the message is the point
-    raise SystemExit(f"benchmarks/peer_torch.py needs PyTorch (pip install torch): {err}")
+    raise SystemExit(f"benchmarks/peer_torch.py needs PyTorch (pip install torch): {err}") from err
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 WEIGHT_DECAY = 5e-4
@@ -429,8 +430,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def environment(settings: dict[str, Any]) -> dict[str, Any]:
     try:
-        import torchvision.models  # noqa: F401  (what build_resnet imports)
         import torchvision
+        import torchvision.models  # noqa: F401  (what build_resnet imports)
         tv = torchvision.__version__
     except Exception:
         tv = None

@@ -8,14 +8,13 @@ The identity folder is generated (synthetic faces written as PNG) in a temporary
 
 from __future__ import annotations
 
-import common  # noqa: F401
-
 import importlib.util
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401
 import numpy as np
 from absl import flags
 from PIL import Image

@@ -10,13 +10,11 @@ Uses a randomly initialised ResNet (throughput does not depend on the weights' v
 from __future__ import annotations
 
 import common  # noqa: F401  (puts the repository on sys.path)
-
 import jax
 import jax.numpy as jnp
 
 from jaxdesens.masks.freeform import StrokeRanges
-from jaxdesens.models import conv
-from jaxdesens.models import ResNet
+from jaxdesens.models import ResNet, conv
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import saliency_maps
 from jaxdesens.search import make_candidates, score_masks
@@ -76,7 +74,8 @@ def main() -> None:
                            windows=args.windows, iters=args.iters)
         rows.append({"name": name, "value": r["per_s"], "unit": "maps/s",
                      "notes": f"contrastive, {args.saliency_layer}, {jnp.dtype(weights['stem']['w'].dtype).name}; "
-                              f"{r['per_s'] / r_fwd['per_s']:.2f} x forward", "ratio_to_forward": r["per_s"] / r_fwd["per_s"], **r})
+                              f"{r['per_s'] / r_fwd['per_s']:.2f} x forward",
+                     "ratio_to_forward": r["per_s"] / r_fwd["per_s"], **r})
     settings = vars(args) | {"json": str(args.json), "space_to_depth_stem": conv.SPACE_TO_DEPTH}
     common.finish("search_throughput", settings, rows, args.json)
 

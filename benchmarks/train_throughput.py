@@ -10,7 +10,6 @@ the library's jitted, data-parallel `train_step` over every local device.
 from __future__ import annotations
 
 import common  # noqa: F401
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +58,8 @@ def main() -> None:
 
         r = common.time_it(run, args.batch, windows=args.windows, iters=args.iters)
         rates[mode] = r["per_s"]
-        notes = {"resnet": "clean", "mask": "random level masks per image", "fsm": f"fixed mask, FSM after layer{args.fsm_after}"}[mode]
+        notes = {"resnet": "clean", "mask": "random level masks per image",
+                 "fsm": f"fixed mask, FSM after layer{args.fsm_after}"}[mode]
         rows.append({"name": f"train_step_{mode}", "value": r["per_s"], "unit": "images/s",
                      "notes": f"{notes}, batch {args.batch}", **r})
         if mode == "resnet":

@@ -7,7 +7,8 @@ import dataclasses
 import sys
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from jaxdesens.data.errors import DataError
 

@@ -128,7 +128,8 @@ class ServerLogic:
         return {"round": round_index, "signature": self.signature,
                 "identities": json.dumps(list(self.setup.train_set.names))}
 
-    def aggregate(self, round_index: int, results: list[tuple[list[np.ndarray], int, dict[str, Any]]]) -> list[np.ndarray]:
+    def aggregate(self, round_index: int,
+                  results: list[tuple[list[np.ndarray], int, dict[str, Any]]]) -> list[np.ndarray]:
         """`results`: (uploaded arrays, example count, metrics with "partition") from every client."""
         fed = self.setup.fed
         results = sorted(results, key=lambda r: int(r[2]["partition"]))
@@ -239,7 +240,8 @@ class ClientLogic:
         self.update = federated.compile_client_update(config, self.fed, setup.model, self.mesh)
         self.masks = parallel.put_replicated(setup.masks, self.mesh)
         # a client's seeds: its partition, or (own data) a number derived from its data
-        self.index = self.partition if self.partition != OWN_DATA else int(hashlib.sha256(setup.dataset.fingerprint.encode()).hexdigest()[:7], 16)
+        self.index = (self.partition if self.partition != OWN_DATA
+                      else int(hashlib.sha256(setup.dataset.fingerprint.encode()).hexdigest()[:7], 16))
         self.key = federated.client_keys(setup.step_key, [self.index])[0]
         self.tx = make_optimizer(self.fed.train_config(config))
         self.template = jax.eval_shape(setup.initial_global)

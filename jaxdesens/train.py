@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -166,7 +167,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, progress: bool 
     masks, mask_note = mask_source_for(config, dataset, mask_key)
     log(f"data: {dataset.source} -> {len(train_set)} training images of {train_set.num_classes} identities, "
         f"{held_out.num_classes} held-out identities; model {config.model} (ResNet-{config.depth}, width "
-        f"{config.width}{', FSM after layer%d' % config.fsm_after if config.model == 'fsm' else ''}) on "
+        f"{config.width}{f', FSM after layer{config.fsm_after}' if config.model == 'fsm' else ''}) on "
         f"{mesh.size} {jax.devices()[0].platform} device(s); masks: {mask_note}")
 
     state = create_train_state(config, model, init_key, train_set.image_shape)

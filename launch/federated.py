@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
             setup = prepare(config, fed, progress=args.progress)
             print(setup.describe("flower server"))
-            result = flower_app.start_server(setup, args.workdir, args.server_address or flower_app.DEFAULT_SERVER_ADDRESS,
-                                             stop_after=args.stop_after)
+            server_address = args.server_address or flower_app.DEFAULT_SERVER_ADDRESS
+            result = flower_app.start_server(setup, args.workdir, server_address, stop_after=args.stop_after)
         else:
             script = os.path.abspath(__file__)
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-
 from helpers import PYTHON, ROOT, subprocess_env
 
 

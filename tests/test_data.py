@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import write_identity_folder
 from PIL import Image
 
-from helpers import write_identity_folder
 from jaxdesens.data import DataError, SyntheticConfig, load_dataset, make_synthetic, read_identity_folder
 from jaxdesens.data.identity import scan_identity_folder
 from jaxdesens.data.images import load_image
@@ -91,7 +91,8 @@ def test_synthetic_is_deterministic_and_identity_structured():
     config = SyntheticConfig(identities=6, images_per_identity=5, image_size=32)
     a, b = make_synthetic(config), make_synthetic(config)
     assert np.array_equal(a.images, b.images) and a.fingerprint == b.fingerprint
-    assert make_synthetic(SyntheticConfig(identities=6, images_per_identity=5, image_size=32, seed=1)).fingerprint != a.fingerprint
+    other = make_synthetic(SyntheticConfig(identities=6, images_per_identity=5, image_size=32, seed=1))
+    assert other.fingerprint != a.fingerprint
     x = a.images.reshape(len(a), -1).astype(np.float64)
     x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
     dist = ((x[:, None] - x[None]) ** 2).mean(-1)

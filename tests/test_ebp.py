@@ -24,11 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-
-from jaxdesens.models import ResNet
 from jax import lax
 
-from jaxdesens.models import functional
+from jaxdesens.models import ResNet, functional
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import (
     AvgPool,

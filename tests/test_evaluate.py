@@ -12,17 +12,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import PYTHON, ROOT, subprocess_env, write_identity_folder
 from PIL import Image
 
-from helpers import PYTHON, ROOT, subprocess_env, write_identity_folder
 from jaxdesens.jobs.evaluate import (
-    EvaluateJob,
     Embedder,
+    EvaluateJob,
     Model,
     attack_subset,
     identity_eval_set,
-    lfw_eval_set,
     level_masks,
+    lfw_eval_set,
     render_report,
     role_labels,
     run_evaluate_job,
@@ -98,7 +98,8 @@ def test_every_table_is_assembled_with_all_models(tiny, tiny_run):
     assert [r["level"] for r in results["table2"]["rows"]] == ["0.4-0.5", "0.5-0.6"]
     for row in results["table2"]["rows"]:
         assert 0.4 < row["ratio"] <= 0.6 and row["candidates"] == 8
-        assert all(_finite(v["masked"]["accuracy"]) and _finite(v["inpainted"]["accuracy"]) for v in row["models"].values())
+        assert all(_finite(v["masked"]["accuracy"]) and _finite(v["inpainted"]["accuracy"])
+                   for v in row["models"].values())
     assert results["table3"]["ratio"] == pytest.approx(1 - tiny["mask"].mean())
     methods = [(r["method"], r["size"]) for r in results["table4"]["rows"]]
     assert methods == [("mask", None), ("blur", 3), ("blur", 5), ("mosaic", 2), ("mosaic", 5)]
@@ -111,7 +112,8 @@ def test_every_table_is_assembled_with_all_models(tiny, tiny_run):
         assert results["table4"]["rows"][0]["models"][label] == s["situation1"] == results["table3"]["models"][label]
         assert s["situation3"]["accuracy"] == results["verification"][label]["clean"]["accuracy"]
     attack_rows = [r["name"] for r in results["attacks"]["rows"]]
-    assert attack_rows == ["clean (no desensitization)", "masked (no restoration)", "biharmonic", "navier-stokes", "telea"]
+    assert attack_rows == ["clean (no desensitization)", "masked (no restoration)", "biharmonic", "navier-stokes",
+                           "telea"]
     assert results["attacks"]["all_images"] and results["attacks"]["pairs"] == results["data"]["pairs"]
     for row in results["attacks"]["rows"][2:]:
         assert row["psnr_mean"] > results["attacks"]["rows"][1]["psnr_mean"]  # restoring beats leaving holes black
@@ -308,8 +310,8 @@ def test_cli_reports_mismatched_checkpoints_clearly(tiny, tmp_path):
     record = json.loads((clean / "run.json").read_text())
     record["config"]["channels"] = 1
     (other / "run.json").write_text(json.dumps(record))
-    proc = subprocess.run([PYTHON, str(ROOT / "launch" / "evaluate.py"), f"--checkpoint={clean}", f"--checkpoint={other}",
-                           f"--mask={tiny['mask_path']}", f"--out={tmp_path / 'out'}"],
+    proc = subprocess.run([PYTHON, str(ROOT / "launch" / "evaluate.py"), f"--checkpoint={clean}",
+                           f"--checkpoint={other}", f"--mask={tiny['mask_path']}", f"--out={tmp_path / 'out'}"],
                           capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and f"{other}: 32x32x1" in proc.stderr
@@ -334,7 +336,8 @@ def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm
                for c in ("masked", "inpainted"))
     assert results["table3"]["ratio"] >= 0.6
     assert all(_finite(row[k]) for row in results["table4"]["rows"] for k in ("dssim_mean", "psnr_mean"))
-    assert all(_finite(results["table5"][lb][s]["accuracy"]) for lb in labels for s in ("situation1", "situation2", "situation3"))
+    assert all(_finite(results["table5"][lb][s]["accuracy"])
+               for lb in labels for s in ("situation1", "situation2", "situation3"))
     assert all(_finite(r["psnr_mean"]) for r in results["attacks"]["rows"][1:])
     assert results["attacks"]["images"] <= 40
     # A trained clean model recognizes clean held-out faces far above chance.

@@ -14,13 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import PYTHON, ROOT, subprocess_env
 from PIL import Image, ImageCms, PngImagePlugin
 
-from helpers import PYTHON, ROOT, subprocess_env
 from jaxdesens.data import DataError, load_dataset
 from jaxdesens.data.images import load_image
-from jaxdesens.desensitize.export import (ALLOWED_PNG_CHUNKS, JOURNAL, ExportJob, file_id, load_or_create_key, png_chunks,
-                                          pseudonym, run_export)
+from jaxdesens.desensitize.export import (
+    ALLOWED_PNG_CHUNKS,
+    JOURNAL,
+    ExportJob,
+    file_id,
+    load_or_create_key,
+    png_chunks,
+    pseudonym,
+    run_export,
+)
 from jaxdesens.masks.io import load_mask, save_mask
 
 SIZE = 32

@@ -55,7 +55,8 @@ def test_partition_covers_the_training_images_disjointly(split):
 
 
 def test_aggregation_is_the_example_weighted_mean():
-    stacked = {"w": np.array([[1.0, 2.0], [5.0, -2.0], [0.0, 8.0]], np.float32), "b": np.array([4.0, 0.0, 2.0], np.float32)}
+    stacked = {"w": np.array([[1.0, 2.0], [5.0, -2.0], [0.0, 8.0]], np.float32),
+               "b": np.array([4.0, 0.0, 2.0], np.float32)}
     counts = np.array([1, 2, 5])
     # by hand: (1*x0 + 2*x1 + 5*x2) / 8
     expected = {"w": np.array([(1 + 10 + 0) / 8, (2 - 4 + 40) / 8]), "b": np.array((4 + 0 + 10) / 8)}
@@ -123,7 +124,9 @@ def test_batchnorm_statistics_averaged_or_kept_local(bn):
                                           np.int32(2))
         assert tree_max_diff(pick(local2["batch_stats"]), expected["batch_stats"]) < 1e-6
     # the other source of statistics is not read at all: poisoning it changes nothing
-    nan = lambda tree: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)
+    def nan(tree):
+        return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)
+
     if bn == "local":
         poisoned = round_fn({**global1, "batch_stats": nan(global1["batch_stats"])}, local1, batches[1], counts,
                             masks, keys, np.int32(2))

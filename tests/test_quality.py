@@ -129,7 +129,8 @@ def test_mosaic_blocks() -> None:
     x = _noise((2, 16, 16, 3))
     out = np.asarray(mosaic(x, 4))
     cells = out.reshape(2, 4, 4, 4, 4, 3)
-    np.testing.assert_allclose(cells, np.broadcast_to(cells[:, :, :1, :, :1], cells.shape), atol=1e-6)  # constant within a cell
+    # constant within a cell
+    np.testing.assert_allclose(cells, np.broadcast_to(cells[:, :, :1, :, :1], cells.shape), atol=1e-6)
     np.testing.assert_allclose(
         cells[:, :, 0, :, 0], x.reshape(2, 4, 4, 4, 4, 3).mean(axis=(2, 4)), atol=1e-6
     )

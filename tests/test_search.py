@@ -101,8 +101,8 @@ def test_balanced_sample_covers_identities_first():
 @pytest.mark.slow
 def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, tmp_path):
     out = tmp_path / "search"
-    summary = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(out), n=256, K=64, T=0.6, batch_images=64, seed=0),
-                             progress=False, log=lambda _: None)
+    job = SearchJob(checkpoint=str(att_clean_workdir), out=str(out), n=256, K=64, T=0.6, batch_images=64, seed=0)
+    summary = run_search_job(job, progress=False, log=lambda _: None)
     assert summary["ratio"] >= 0.6
     v = summary["verification"]
     assert v["searched_mask"] > v["random_same_ratio_mean"], v

@@ -11,8 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from helpers import PYTHON, ROOT, subprocess_env
+
 from jaxdesens.config import TrainConfig
 from jaxdesens.recognizer import load_recognizer
 from jaxdesens.train import lr_schedule, make_optimizer, train_and_evaluate
@@ -54,9 +54,11 @@ def test_workdir_refuses_a_different_run(tmp_path):
     RunDirectory(tmp_path).claim(TrainConfig(steps=10, log_every=3), data_fingerprint="abc", mask_fingerprint=None,
                                  num_classes=3)
     with pytest.raises(ResumeError, match=r"steps: 10 -> 20"):
-        RunDirectory(tmp_path).claim(TrainConfig(steps=20), data_fingerprint="abc", mask_fingerprint=None, num_classes=3)
+        RunDirectory(tmp_path).claim(TrainConfig(steps=20), data_fingerprint="abc", mask_fingerprint=None,
+                                     num_classes=3)
     with pytest.raises(ResumeError, match=r"data_fingerprint: 'abc' -> 'xyz'"):
-        RunDirectory(tmp_path).claim(TrainConfig(steps=10), data_fingerprint="xyz", mask_fingerprint=None, num_classes=3)
+        RunDirectory(tmp_path).claim(TrainConfig(steps=10), data_fingerprint="xyz", mask_fingerprint=None,
+                                     num_classes=3)
 
 
 def test_cli_reports_bad_input_clearly(tmp_path):
@@ -97,8 +99,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     a, b = load_recognizer(tmp_path / "straight"), load_recognizer(killed)
     for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(5, 41, 5))
-    assert json.loads((killed / "eval.json").read_text()) == json.loads((tmp_path / "straight" / "eval.json").read_text())
+    logged_steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged_steps == list(range(5, 41, 5))
+    straight_eval = json.loads((tmp_path / "straight" / "eval.json").read_text())
+    assert json.loads((killed / "eval.json").read_text()) == straight_eval
 
 
 @pytest.mark.slow

@@ -11,8 +11,15 @@ from PIL import Image
 from jaxdesens.data import lfw
 from jaxdesens.data.errors import DataError
 from jaxdesens.data.lfw import lfw_image_path, load_lfw_pairs, parse_pairs
-from jaxdesens.metrics.verification import (combine_flip, cosine_scores, generate_pairs, kfold_accuracy, roc_auc,
-                                            tar_at_far, verification_report)
+from jaxdesens.metrics.verification import (
+    combine_flip,
+    cosine_scores,
+    generate_pairs,
+    kfold_accuracy,
+    roc_auc,
+    tar_at_far,
+    verification_report,
+)
 
 
 def test_kfold_separable_scores_give_perfect_accuracy():

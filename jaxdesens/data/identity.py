@@ -50,7 +50,7 @@ class IdentitySet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, identities: np.ndarray, relabel: bool = True) -> "IdentitySet":
+    def subset(self, identities: np.ndarray, relabel: bool = True) -> IdentitySet:
         """Keeps only the given identity indices; with `relabel` they become 0..k-1 in that order."""
         identities = np.asarray(identities)
         keep = np.isin(self.labels, identities)
@@ -63,7 +63,7 @@ class IdentitySet:
             names = tuple(self.names[i] for i in identities)
         return dataclasses.replace(self, images=self.images[keep], labels=labels.astype(np.int32), names=names)
 
-    def take(self, indices: np.ndarray) -> "IdentitySet":
+    def take(self, indices: np.ndarray) -> IdentitySet:
         """Keeps the given image indices with the same label space."""
         return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices])
 

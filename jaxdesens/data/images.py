@@ -60,7 +60,8 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int = 3) -> n
     return array
 
 
-def load_images(paths: list[str] | list[Path], image_size: int, channels: int = 3, progress: bool = False) -> np.ndarray:
+def load_images(paths: list[str] | list[Path], image_size: int, channels: int = 3,
+                progress: bool = False) -> np.ndarray:
     """Decodes many files in a thread pool (PIL releases the GIL while decoding)."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -6,7 +6,8 @@ uninterrupted run would have produced from step `s` on, which is what makes resu
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import grain
 import jax

@@ -8,7 +8,8 @@ from jaxdesens.data.errors import DataError
 from jaxdesens.data.identity import IdentitySet
 
 
-def held_out_indices(n: int, holdout: float | int, seed: int = 0, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
+def held_out_indices(n: int, holdout: float | int, seed: int = 0,
+                     source: str = "data") -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) identity indices out of `n` sorted identities, both sorted.
 
     `holdout` is a fraction of identities (0 < holdout < 1) or a count (>= 1). The choice depends

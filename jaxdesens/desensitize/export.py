@@ -41,16 +41,27 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from jaxdesens.data.errors import DataError
-from jaxdesens.data.export_reader import (FLAT_DIR, FORMAT, LAYOUT_FLAT, LAYOUT_IDENTITIES, MANIFEST, MASK_FILE,
-                                          REPORT_JSON, REPORT_MD, read_manifest, sha256_file)
+from jaxdesens.data.export_reader import (
+    FLAT_DIR,
+    FORMAT,
+    LAYOUT_FLAT,
+    LAYOUT_IDENTITIES,
+    MANIFEST,
+    MASK_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    read_manifest,
+    sha256_file,
+)
 from jaxdesens.data.images import is_image_file, load_image
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.masks import io as mask_io
@@ -471,7 +482,8 @@ def render_report_md(report: dict[str, Any]) -> str:
              f"Method **{report['method']}**" + (f", mask ratio **{report['mask_ratio']:.4f}** (share of pixels "
                                                  "hidden)" if report["mask_ratio"] is not None else
                                                  f", size {report['method_size']}")
-             + f"; {report['images']} images" + (f" of {report['identities']} identities" if report["identities"] else "")
+             + f"; {report['images']} images"
+             + (f" of {report['identities']} identities" if report["identities"] else "")
              + f" at {report['image_size']} px, "
                f"{report['channels']} channel(s); {report['skipped_unreadable']} unreadable input(s) skipped.", "",
              "| desensitized vs original | mean | std |", "|---|---|---|",
@@ -593,7 +605,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                                      "dssim": _stats([e["dssim"] for e in exported])},
         "attacks": (attack_report([planned[e["id"]] for e in sorted(exported, key=lambda e: e["id"])], job, mask,
                                   image_size, progress) if mask is not None else
-                    {"images": 0, "methods": {}, "note": f"not applicable to --method={job.method} (no hidden pixels)"}),
+                    {"images": 0, "methods": {},
+                     "note": f"not applicable to --method={job.method} (no hidden pixels)"}),
     }
     _write_json(out / REPORT_JSON, report)
     _write_atomic(out / REPORT_MD, render_report_md(report).encode())

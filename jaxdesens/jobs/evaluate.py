@@ -23,8 +23,9 @@ import json
 import platform
 import shlex
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -98,7 +99,8 @@ class EvaluateJob:
         if self.baseline_images < 1:
             raise ValueError(f"--baseline_images must be >= 1, got {self.baseline_images}")
         if self.baseline_attack not in ATTACK_METHODS:
-            raise ValueError(f"--baseline_attack must be one of {'|'.join(ATTACK_METHODS)}, got {self.baseline_attack!r}")
+            raise ValueError(f"--baseline_attack must be one of {'|'.join(ATTACK_METHODS)}, "
+                             f"got {self.baseline_attack!r}")
         if self.attack_images < 0:
             raise ValueError(f"--attack_images must be >= 0 (0 = every test image), got {self.attack_images}")
         if self.examples < 1 or self.batch_size < 1:
@@ -266,16 +268,18 @@ def table1_levels(models: Sequence[Model], evalset: EvalSet, embed: Embedder, cl
                "ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()), "models": {}}
         for model in models:
             acc = np.array([x["accuracy"] for x in runs[lv][model.label]])
+            model_runs = runs[lv][model.label]
             row["models"][model.label] = {"mean": float(acc.mean()), "std": float(acc.std()), "runs": acc.tolist(),
-                                          "fold_std": float(np.mean([x["accuracy_std"] for x in runs[lv][model.label]])),
-                                          "auc": float(np.mean([x["auc"] for x in runs[lv][model.label]]))}
+                                          "fold_std": float(np.mean([x["accuracy_std"] for x in model_runs])),
+                                          "auc": float(np.mean([x["auc"] for x in model_runs]))}
         rows.append(row)
     clean_label = _first(models, "resnet")
     mask_label = _first(models, "mask")
     if clean_label and mask_label:
         for row in rows:
             row["delta"] = row["models"][mask_label]["mean"] - row["models"][clean_label]["mean"]
-    return {"repeats": repeats, "rows": rows, "delta": [clean_label, mask_label] if clean_label and mask_label else None,
+    return {"repeats": repeats, "rows": rows,
+            "delta": [clean_label, mask_label] if clean_label and mask_label else None,
             "masks_per_image": "a different random mask per image and repeat"}, examples
 
 
@@ -475,8 +479,8 @@ def restoration_attacks(models: Sequence[Model], evalset: EvalSet, embed: Embedd
             emb = embed(model, restored)
             row["models"][model.label] = brief(pair_report(emb, emb, pairs))
         rows.append(row)
-    return {"images": int(len(indices)), "pairs": int(len(pairs)), "all_images": bool(len(indices) == len(evalset.images)),
-            "methods": list(methods), "rows": rows}
+    return {"images": int(len(indices)), "pairs": int(len(pairs)),
+            "all_images": bool(len(indices) == len(evalset.images)), "methods": list(methods), "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +542,8 @@ def evaluate_models(models: Sequence[Model], evalset: EvalSet, mask: np.ndarray,
         results["table2"] = None
         notes.append("Table 2 skipped: the clean model's training data is not available.")
     else:
-        results["table2"], artifacts["baseline"] = table2_baseline(models, evalset, embed, train_set, job, progress, log)
+        results["table2"], artifacts["baseline"] = table2_baseline(models, evalset, embed, train_set, job, progress,
+                                                                   log)
     seconds["table2"] = time.perf_counter() - t0
 
     ratio = float(1.0 - mask.mean())
@@ -589,7 +594,8 @@ def write_figures(out: Path, evalset: EvalSet, mask: np.ndarray, artifacts: dict
                           labels=[level_name(level) for level in LEVELS])
         written.append("levels.png")
     if artifacts.get("baseline"):
-        figures.save_grid(out / "baseline.png", [[a["mask"], a["masked"], a["restored"]] for a in artifacts["baseline"]],
+        figures.save_grid(out / "baseline.png",
+                          [[a["mask"], a["masked"], a["restored"]] for a in artifacts["baseline"]],
                           labels=["mask", "masked", "inpainted"])
         written.append("baseline.png")
     return written
@@ -737,7 +743,8 @@ def render_report(results: dict[str, Any]) -> str:
     if results["table7"]:
         lines += ["## Table 7: FSM insertion point (Situation 1, searched mask)", ""]
         lines += _table(["model", "FSM after", "accuracy", "paper"],
-                        [[r["label"], f"layer{r['fsm_after']}", _pct(r["accuracy"]), f"{PAPER['table7'][r['fsm_after']]}%"]
+                        [[r["label"], f"layer{r['fsm_after']}", _pct(r["accuracy"]),
+                          f"{PAPER['table7'][r['fsm_after']]}%"]
                          for r in results["table7"]])
 
     attacks = results["attacks"]
@@ -774,7 +781,8 @@ def _role_label(role: str) -> str:
 
 
 _FIGURE_CAPTIONS = {
-    "examples.png": "test faces: original, searched mask, blur (two kernels), mosaic (two blocks), inpainted (Figs. 5, 7)",
+    "examples.png": "test faces: original, searched mask, blur (two kernels), mosaic (two blocks), inpainted "
+                    "(Figs. 5, 7)",
     "levels.png": "one random mask per hole-ratio level and a test face under it (Fig. 4)",
     "baseline.png": "Section 4.2 baseline masks (rows: levels 0.4-0.5, 0.5-0.6), a test face under them and its "
                     "inpainting (Fig. 5)",

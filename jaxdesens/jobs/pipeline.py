@@ -26,8 +26,9 @@ import dataclasses
 import json
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -270,7 +271,8 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
     no_ebp = stage("no-EBP search", lambda: search_stage(root / "no_ebp", root / "clean", job, log, progress,
                                                        without_ebp=True, evaluate=False))
     ablations["ebp"] = {
-        "with_ebp": {**mask_privacy(test, mask, p.attack_images), "clean_accuracy": situation_one(root / "clean", test, mask)},
+        "with_ebp": {**mask_privacy(test, mask, p.attack_images),
+                     "clean_accuracy": situation_one(root / "clean", test, mask)},
         "without_ebp": {**mask_privacy(test, load_mask(root / "no_ebp" / "mask.png", p.image_size), p.attack_images),
                         "clean_accuracy": situation_one(root / "clean", test,
                                                         load_mask(root / "no_ebp" / "mask.png", p.image_size))},
@@ -312,7 +314,8 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
 
     report = {"command": command or shlex.join(["python", "launch/pipeline.py"]), "job": dataclasses.asdict(job),
               "preset": dataclasses.asdict(p), "split": split, "training": {"clean": clean, **trained},
-              "search": {k: search[k] for k in ("objective", "ce", "ratio", "template_kept", "masks_per_s") if k in search},
+              "search": {k: search[k] for k in ("objective", "ce", "ratio", "template_kept", "masks_per_s")
+                         if k in search},
               "privacy": privacy, "ablations": ablations, "seconds": timings}
     write_json_atomic(root / "report.json", report)
     (root / "report.md").write_text(render(report, (root / "evaluate" / "report.md").read_text()))
@@ -354,7 +357,8 @@ def render(report: dict[str, Any], evaluation_md: str) -> str:
               f"Objective {s['objective']:.3f} (CE {s['ce']:.3f}), hides {_pct(s['ratio'])}; the template keeps "
               f"{_pct(s['template_kept'])}.", "", *privacy_lines(report["privacy"]), "",
               "## Ablation: search without EBP (paper Table 6)", "",
-              "| mask | ratio | clean-model accuracy (Situation 1) | dSSIM | PSNR after Telea |", "|---|---:|---:|---:|---:|"]
+              "| mask | ratio | clean-model accuracy (Situation 1) | dSSIM | PSNR after Telea |",
+              "|---|---:|---:|---:|---:|"]
     for name in ("without_ebp", "with_ebp"):
         r = ab["ebp"][name]
         lines.append(f"| {name.replace('_', ' ')} | {_pct(r['ratio'])} | {_pct(r['clean_accuracy'])} | "
@@ -371,10 +375,11 @@ def render(report: dict[str, Any], evaluation_md: str) -> str:
                  "0.5": ("79.78%", "89.12%", "0.81"), "0.6": ("76.05%", "83.68%", "0.78"),
                  "0.7": ("77%", "84.8%", "0.78")}
         lines += ["", "## Threshold T (paper Table 8), Situation 1 on the test identities", "",
-                  "Where the template leaves less than the preset's ratio floor to hide, the floor is lowered to 90% of "
-                  "what it leaves (column 'floor'). Models are trained on the owner's training identities under "
+                  "Where the template leaves less than the preset's ratio floor to hide, the floor is lowered to 90% "
+                  "of what it leaves (column 'floor'). Models are trained on the owner's training identities under "
                   "each T's mask.", "",
-                  "| T | template keeps | floor | mask ratio | resnet-mask | resnet-fsm | dSSIM | paper mask / fsm / dSSIM |",
+                  "| T | template keeps | floor | mask ratio | resnet-mask | resnet-fsm | dSSIM "
+                  "| paper mask / fsm / dSSIM |",
                   "|---:|---:|---:|---:|---:|---:|---:|---|"]
         for t, r in ab["thresholds"].items():
             ref = " / ".join(paper.get(t, ("-", "-", "-")))

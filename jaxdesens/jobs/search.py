@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,8 @@ class SearchJob:
         if not self.out:
             raise ValueError("--out is required: the folder for the mask, the template and the candidate table")
         if not -1 <= self.level < len(levels.LEVELS):
-            raise ValueError(f"--level must be -1 (free-form candidates) or 0..{len(levels.LEVELS) - 1}, got {self.level}")
+            raise ValueError(f"--level must be -1 (free-form candidates) or 0..{len(levels.LEVELS) - 1}, "
+                             f"got {self.level}")
         if self.K < 1:
             raise ValueError(f"--K must be >= 1, got {self.K}")
 

@@ -71,7 +71,8 @@ def _quality(originals: np.ndarray, images: np.ndarray, batch: int) -> dict[str,
     chunks = range(0, len(originals), batch)
     p = np.concatenate([np.asarray(psnr(originals[i : i + batch], images[i : i + batch])) for i in chunks])
     s = np.concatenate([np.asarray(ssim(originals[i : i + batch], images[i : i + batch])) for i in chunks])
-    return {"psnr_mean": float(p.mean()), "psnr_std": float(p.std()), "ssim_mean": float(s.mean()), "ssim_std": float(s.std())}
+    return {"psnr_mean": float(p.mean()), "psnr_std": float(p.std()),
+            "ssim_mean": float(s.mean()), "ssim_std": float(s.std())}
 
 
 def restoration_report(

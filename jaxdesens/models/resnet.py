@@ -8,7 +8,8 @@ Selection Masknet (`fsm.py`) gates the output of one stage when `fsm_after` is s
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
