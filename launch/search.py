@@ -25,7 +25,7 @@ HELP = {
     "K": "images averaged into the mean saliency map",
     "gamma": "weight of the mask ratio in the objective (default ln(number of classes))",
     "batch_images": "labelled images B each candidate is scored on",
-    "chunk": "candidates per vmapped call (0 = choose from device memory)",
+    "chunk": "masks per vmapped scoring call (0 = 32 on a CPU, from device memory on an accelerator)",
     "without_ebp": "ablation: no template (S empty)",
     "level": "Section 4.2 baseline: candidates from this hole-ratio level (0..5) instead of free-form strokes",
     "min_ratio": "policy floor: candidates hiding less than this share are rejected",

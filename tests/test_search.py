@@ -16,7 +16,16 @@ from jaxdesens.masks.io import load_mask
 from jaxdesens.models import ResNet
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.template import threshold_template
-from jaxdesens.search import SearchConfig, auto_chunk, candidate_masks, make_candidates, score_masks, search_mask
+from jaxdesens.search import (
+    CPU_CHUNK,
+    SearchConfig,
+    auto_chunk,
+    candidate_masks,
+    make_candidates,
+    score_masks,
+    search_mask,
+    table_rows,
+)
 
 SIZE = 32
 
@@ -54,15 +63,21 @@ def test_candidates_keep_the_template_and_are_binary(tiny):
     assert ratios.std() > 0.05  # hyper-parameters are redrawn per candidate
 
 
-def test_result_does_not_depend_on_chunk_size(tiny):
+@pytest.mark.parametrize("floored", [False, True])
+def test_result_does_not_depend_on_chunk_size(tiny, floored):
     folded, images, labels, template = tiny
-    results = [search_mask(folded, images, labels, template, SearchConfig(n=40, chunk=chunk, gamma=1.0))
+    ratios = 1 - candidate_masks(template, np.arange(40), SearchConfig()).mean(axis=(1, 2))
+    floor = float(np.median(ratios)) if floored else 0.0  # half the candidates are rejected unscored
+    results = [search_mask(folded, images, labels, template, SearchConfig(n=40, chunk=chunk, gamma=1.0,
+                                                                          min_ratio=floor))
                for chunk in (8, 16, 64)]
     for other in results[1:]:
         assert other.best_index == results[0].best_index
         np.testing.assert_allclose(other.table["objective"], results[0].table["objective"], rtol=1e-5)
+        np.testing.assert_allclose(other.table["ce"], results[0].table["ce"], rtol=1e-5)
         np.testing.assert_array_equal(other.best_mask, results[0].best_mask)
     best = results[0]
+    assert best.scored == (ratios >= np.float32(floor)).sum() and (best.scored < 40) == floored
     assert best.best_index == int(np.argmin(best.table["objective"]))
     np.testing.assert_array_equal(best.best_mask, candidate_masks(template, np.array([best.best_index]),
                                                                  SearchConfig())[0])
@@ -73,7 +88,16 @@ def test_min_ratio_floor_and_baseline_candidates(tiny):
     folded, images, labels, template = tiny
     floor = search_mask(folded, images, labels, template, SearchConfig(n=32, chunk=16, min_ratio=0.7))
     assert floor.best()["ratio"] >= 0.7
-    assert np.isinf(floor.table["objective"][floor.table["ratio"] < 0.7]).all()
+    below = floor.table["ratio"] < 0.7
+    assert below.any() and not below.all()
+    assert np.isinf(floor.table["objective"][below]).all() and np.isnan(floor.table["ce"][below]).all()
+    assert floor.scored == (~below).sum()
+    # candidates above the floor score exactly as without one
+    free = search_mask(folded, images, labels, template, SearchConfig(n=32, chunk=16))
+    np.testing.assert_allclose(floor.table["objective"][~below], free.table["objective"][~below], rtol=1e-5)
+    rows = table_rows(floor)
+    assert json.loads(json.dumps(rows, allow_nan=False)) == rows  # strict JSON: rejected rows carry null
+    assert rows[-1]["objective"] is None and rows[-1]["ce"] is None and rows[0]["objective"] is not None
     with pytest.raises(ValueError, match="min_ratio"):
         search_mask(folded, images, labels, np.ones_like(template), SearchConfig(n=8, chunk=8, min_ratio=0.5))
     level = levels.masks_at_level(jax.random.key(0), 4, 24, SIZE, SIZE)
@@ -88,8 +112,21 @@ def test_threshold_template_and_chunk_heuristic():
     assert threshold_template(mean_map, 0.9).sum() < threshold_template(mean_map, 0.3).sum()
     with pytest.raises(ValueError, match="--T"):
         threshold_template(mean_map, 1.5)
-    chunk = auto_chunk(32, (112, 112, 3), 64, 2)
-    assert chunk & (chunk - 1) == 0 and 8 <= chunk <= 1024
+    assert auto_chunk(32, (112, 112, 3), 64, 2) == CPU_CHUNK  # this machine's CPU
+
+    class Accelerator:
+        platform = "gpu"
+
+        def __init__(self, gib):
+            self.gib = gib
+
+        def memory_stats(self):
+            return {"bytes_limit": self.gib * 2**30}
+
+    # ResNet-34 at 112 px, B=32, bf16: 38.5 MB of stem activations per mask
+    assert auto_chunk(32, (112, 112, 3), 64, 2, Accelerator(80)) == 512  # a quarter of 80 GiB, a power of two
+    assert auto_chunk(32, (112, 112, 3), 64, 2, Accelerator(1)) == 8     # never below 8
+    assert auto_chunk(1, (32, 32, 3), 8, 2, Accelerator(80)) == 1024     # nor above 1024
 
 
 def test_balanced_sample_covers_identities_first():

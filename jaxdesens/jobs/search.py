@@ -3,9 +3,10 @@
 Output folder:
   mean_saliency.{npy,png}, template.{npy,png}, template_thresholds.png   (Formula 4, Fig. 10)
   mask.{png,npy}          the best mask (1/255 = visible)
-  candidates.json         every candidate: objective, CE, ratio, RMG hyper-parameters
+  candidates.json         every candidate: objective, CE (null below the ratio floor), ratio, RMG
+                          hyper-parameters
   top_masks.png           the best candidates and faces under them (Fig. 6)
-  summary.json            settings, best objective/CE/ratio, masks/s, verification comparison
+  summary.json            settings, best objective/CE/ratio, candidates scored, masks/s, verification
 """
 
 from __future__ import annotations
@@ -169,11 +170,11 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
         candidates = levels.masks_at_level(jax.random.key(job.seed), job.level, job.n, *size)
         log(f"baseline (Section 4.2): {job.n} candidates from hole-ratio level {levels.LEVELS[job.level]}")
     folded = fold_batchnorm(recognizer.variables, depth, jnp.bfloat16 if job.bf16 else jnp.float32)
-    bar = tqdm(total=job.n, disable=not progress, unit="mask", desc="scoring", dynamic_ncols=True)
+    bar = tqdm(total=job.n, disable=not progress, unit="candidate", desc="search", dynamic_ncols=True)
 
     def on_chunk(done: int, rate: float) -> None:
         bar.update(done)
-        bar.set_postfix(masks_s=f"{rate:.0f}")
+        bar.set_postfix(candidates_s=f"{rate:.0f}")
 
     result = search_mask(folded, train_set.images[score_idx], train_set.labels[score_idx], template, config,
                          candidates, on_chunk)
@@ -191,11 +192,13 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
 
     summary: dict[str, Any] = {"settings": dataclasses.asdict(job), "gamma": gamma, "min_ratio": min_ratio,
                                "best_index": result.best_index, **result.best(),
-                               "template_kept": float(template.mean()), "masks_per_s": result.masks_per_s,
-                               "seconds": result.seconds, "device": jax.devices()[0].device_kind,
+                               "template_kept": float(template.mean()), "scored": result.scored,
+                               "masks_per_s": result.masks_per_s, "seconds": result.seconds,
+                               "device": jax.devices()[0].device_kind,
                                "scoring_images": len(score_idx), "template_images": len(template_idx)}
     log(f"best mask #{result.best_index}: objective {summary['objective']:.4f}, CE {summary['ce']:.4f}, "
-        f"ratio {summary['ratio']:.3f}; scored {job.n} candidates at {result.masks_per_s:.0f} masks/s")
+        f"ratio {summary['ratio']:.3f}; scored the {result.scored} of {job.n} candidates above the ratio floor "
+        f"at {result.masks_per_s:.0f} masks/s ({result.seconds:.1f} s in all)")
     if job.evaluate:
         random_masks = same_ratio_random_masks(summary["ratio"], size, job.random_repeats, job.seed, config.ranges)
         summary["verification"] = verification_comparison(recognizer, held_out, result.best_mask, random_masks)
