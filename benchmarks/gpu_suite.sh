@@ -28,7 +28,8 @@ run() {  # name, time limit (s), command...
   rm -f "$out/.current.log"
 }
 run search "${T_SEARCH:-150}" "$py" benchmarks/search_throughput.py $quick --bf16 --chunk "${CHUNKS:-256,512}" --json "$out/search.json"
-JAXDESENS_SPACE_TO_DEPTH=1 run search_s2d "${T_SEARCH_S2D:-100}" "$py" benchmarks/search_throughput.py $quick --bf16 --chunk 256 --json "$out/search_s2d.json"
+JAXDESENS_SPACE_TO_DEPTH=1 run search_s2d "${T_SEARCH_S2D:-80}" "$py" benchmarks/search_throughput.py $quick --bf16 --chunk 256 \
+  --stages scoring,ebp --json "$out/search_s2d.json"
 run train "${T_TRAIN:-120}" "$py" benchmarks/train_throughput.py $quick --bf16 --json "$out/train.json"
 run peer_torch "${T_TORCH:-130}" "$py" benchmarks/peer_torch.py $torch_args --time_budget_s "${T_TORCH_BUDGET:-110}" --json "$out/peer_torch.json"
 run pipeline "${T_PIPE:-45}" "$py" benchmarks/pipeline_throughput.py $quick --images 10000 --json "$out/pipeline.json"

@@ -19,6 +19,54 @@ from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import saliency_maps
 from jaxdesens.search import make_candidates, score_masks
 
+STAGES = ("scoring", "generation", "ebp")  # ebp includes the plain forward it is compared with
+
+
+def scoring_rows(args, folded, images, labels, template, ranges, key) -> list[dict]:
+    rows = []
+    dtype_name = jnp.dtype(folded["stem"]["w"].dtype).name
+    for chunk in (int(c) for c in args.chunk.split(",")):
+        masks, _ = make_candidates(key, jnp.arange(chunk), template, ranges)
+        gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
+        scorer = score_masks.lower(folded, images, labels, masks, gamma, floor).compile()
+        r = common.time_it(lambda: scorer(folded, images, labels, masks, gamma, floor)["objective"].block_until_ready(),
+                           chunk, windows=args.windows, iters=args.iters)
+        rows.append({"name": "scoring", "value": r["per_s"], "unit": "masks/s", "chunk": chunk,
+                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {dtype_name}"
+                              + (", space-to-depth stem" if conv.SPACE_TO_DEPTH else ""),
+                     "images_per_s": r["per_s"] * args.batch_images, **r})
+    return rows
+
+
+def generation_row(args, template, ranges, key) -> dict:
+    indices = jnp.arange(args.generation_chunk)
+    generate = make_candidates.lower(key, indices, template, ranges).compile()
+    r = common.time_it(lambda: generate(key, indices, template)[0].block_until_ready(), args.generation_chunk,
+                       windows=args.windows, iters=args.iters)
+    return {"name": "generation", "value": r["per_s"], "unit": "masks/s",
+            "notes": f"max(strokes, S), {args.generation_chunk} per call", **r}
+
+
+def forward_and_ebp_rows(args, folded, folded32, key) -> list[dict]:
+    size = args.image_size
+    batch = jax.random.uniform(key, (args.ebp_batch, size, size, 3), dtype=jnp.float32)
+    targets = jax.random.randint(key, (args.ebp_batch,), 0, args.classes)
+    infer = jax.jit(lambda f, x: forward(f, x)).lower(folded, batch).compile()
+    r_fwd = common.time_it(lambda: infer(folded, batch).block_until_ready(), args.ebp_batch,
+                           windows=args.windows, iters=args.iters)
+    rows = [{"name": "forward", "value": r_fwd["per_s"], "unit": "images/s",
+             "notes": f"BN-folded inference, batch {args.ebp_batch}, {jnp.dtype(folded['stem']['w'].dtype).name}",
+             **r_fwd}]
+    for name, weights in (("ebp", folded), ("ebp_fp32", folded32)):
+        maps = saliency_maps.lower(weights, batch, targets, saliency_layer=args.saliency_layer).compile()
+        r = common.time_it(lambda: maps(weights, batch, targets).block_until_ready(), args.ebp_batch,
+                           windows=args.windows, iters=args.iters)
+        rows.append({"name": name, "value": r["per_s"], "unit": "maps/s",
+                     "notes": f"contrastive, {args.saliency_layer}, {jnp.dtype(weights['stem']['w'].dtype).name}; "
+                              f"{r['per_s'] / r_fwd['per_s']:.2f} x forward",
+                     "ratio_to_forward": r["per_s"] / r_fwd["per_s"], **r})
+    return rows
+
 
 def main() -> None:
     parser = common.base_parser(__doc__)
@@ -28,7 +76,11 @@ def main() -> None:
     parser.add_argument("--ebp_batch", type=int, default=256)
     parser.add_argument("--generation_chunk", type=int, default=4096)
     parser.add_argument("--saliency_layer", default="layer2")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     args = parser.parse_args()
+    stages = args.stages.split(",")
+    if not set(stages) <= set(STAGES):
+        parser.error(f"--stages takes a comma-separated subset of {STAGES}, got {args.stages!r}")
     if args.quick:
         common.quick_model(args)
         args.batch_images, args.chunk, args.ebp_batch, args.generation_chunk = 4, "8", 8, 64
@@ -36,46 +88,18 @@ def main() -> None:
     model = ResNet(depth=args.depth, num_classes=args.classes, width=args.width)
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     folded = fold_batchnorm(variables, args.depth, dtype)
-    folded32 = fold_batchnorm(variables, args.depth, jnp.float32)
     key = jax.random.key(1)
     images = jax.random.uniform(key, (args.batch_images, size, size, 3), dtype=jnp.float32).astype(dtype)
     labels = jax.random.randint(key, (args.batch_images,), 0, args.classes)
     template = jnp.zeros((size, size), jnp.float32).at[size // 3: size // 2, size // 5: 4 * size // 5].set(1)
     ranges = StrokeRanges()
     rows = []
-    for chunk in (int(c) for c in args.chunk.split(",")):
-        masks, _ = make_candidates(key, jnp.arange(chunk), template, ranges)
-        gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
-        scorer = score_masks.lower(folded, images, labels, masks, gamma, floor).compile()
-        r = common.time_it(lambda: scorer(folded, images, labels, masks, gamma, floor)["objective"].block_until_ready(),
-                           chunk, windows=args.windows, iters=args.iters)
-        rows.append({"name": "scoring", "value": r["per_s"], "unit": "masks/s", "chunk": chunk,
-                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {jnp.dtype(dtype).name}"
-                              + (", space-to-depth stem" if conv.SPACE_TO_DEPTH else ""),
-                     "images_per_s": r["per_s"] * args.batch_images, **r})
-
-    indices = jnp.arange(args.generation_chunk)
-    generate = make_candidates.lower(key, indices, template, ranges).compile()
-    r = common.time_it(lambda: generate(key, indices, template)[0].block_until_ready(), args.generation_chunk,
-                       windows=args.windows, iters=args.iters)
-    rows.append({"name": "generation", "value": r["per_s"], "unit": "masks/s",
-                 "notes": f"max(strokes, S), {args.generation_chunk} per call", **r})
-
-    batch = jax.random.uniform(key, (args.ebp_batch, size, size, 3), dtype=jnp.float32)
-    targets = jax.random.randint(key, (args.ebp_batch,), 0, args.classes)
-    infer = jax.jit(lambda f, x: forward(f, x)).lower(folded, batch).compile()
-    r_fwd = common.time_it(lambda: infer(folded, batch).block_until_ready(), args.ebp_batch,
-                           windows=args.windows, iters=args.iters)
-    rows.append({"name": "forward", "value": r_fwd["per_s"], "unit": "images/s",
-                 "notes": f"BN-folded inference, batch {args.ebp_batch}, {jnp.dtype(dtype).name}", **r_fwd})
-    for name, weights in (("ebp", folded), ("ebp_fp32", folded32)):
-        maps = saliency_maps.lower(weights, batch, targets, saliency_layer=args.saliency_layer).compile()
-        r = common.time_it(lambda: maps(weights, batch, targets).block_until_ready(), args.ebp_batch,
-                           windows=args.windows, iters=args.iters)
-        rows.append({"name": name, "value": r["per_s"], "unit": "maps/s",
-                     "notes": f"contrastive, {args.saliency_layer}, {jnp.dtype(weights['stem']['w'].dtype).name}; "
-                              f"{r['per_s'] / r_fwd['per_s']:.2f} x forward",
-                     "ratio_to_forward": r["per_s"] / r_fwd["per_s"], **r})
+    if "scoring" in stages:
+        rows += scoring_rows(args, folded, images, labels, template, ranges, key)
+    if "generation" in stages:
+        rows.append(generation_row(args, template, ranges, key))
+    if "ebp" in stages:
+        rows += forward_and_ebp_rows(args, folded, fold_batchnorm(variables, args.depth, jnp.float32), key)
     settings = vars(args) | {"json": str(args.json), "space_to_depth_stem": conv.SPACE_TO_DEPTH}
     common.finish("search_throughput", settings, rows, args.json)
 
