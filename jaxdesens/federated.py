@@ -432,7 +432,8 @@ class RoundLog:
 
         start = time.perf_counter()
         recognizer = Recognizer(self.setup.model, global_vars, self.setup.config)
-        evaluation = held_out_verification(recognizer, self.setup.held_out, self.setup.masks)
+        evaluation = held_out_verification(recognizer, self.setup.held_out, self.setup.masks,
+                                           batch_size=self.setup.config.eval_batch_size)
         entry = {"round": round_index, "step": round_index * self.setup.fed.local_steps, "engine": self.engine,
                  **{f"train_{k}": float(v) for k, v in train.items()},
                  "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}

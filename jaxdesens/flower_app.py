@@ -54,7 +54,6 @@ from jaxdesens.data import DataError, IdentitySet
 from jaxdesens.train import make_optimizer
 from jaxdesens.workdir import RunDirectory
 
-ROLES = ("all", "server", "client")
 DEFAULT_SERVER_ADDRESS = "0.0.0.0:8080"
 OWN_DATA = -1  # --partition=-1: the client's --data is its own folder, not a share of a common one
 

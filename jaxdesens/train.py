@@ -211,7 +211,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, progress: bool 
     metrics_log.close()
 
     recognizer = Recognizer(model, {"params": state.params, "batch_stats": state.batch_stats}, config)
-    evaluation = held_out_verification(recognizer, held_out, masks, premasked=dataset.mask is not None)
+    evaluation = held_out_verification(recognizer, held_out, masks, premasked=dataset.mask is not None,
+                                       batch_size=config.eval_batch_size)
     log(format_evaluation(evaluation))
     run.write_json("eval.json", evaluation)
     return TrainResult(state, model, config, evaluation)

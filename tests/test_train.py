@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -115,3 +116,8 @@ def test_short_att_training_beats_chance_on_held_out_identities(att_dir, tmp_pat
     assert clean["accuracy"] > 0.7, clean
     assert clean["auc"] > 0.75, clean
     assert (tmp_path / "checkpoints" / "150").exists()
+    # the evaluation batch is a resumable setting: the rerun only evaluates, in batches of 13
+    again = train_and_evaluate(dataclasses.replace(config, eval_batch_size=13), tmp_path, progress=False,
+                               log=lambda _: None)
+    assert again.evaluation["clean"]["accuracy"] == clean["accuracy"]
+    np.testing.assert_allclose(again.evaluation["clean"]["auc"], clean["auc"], atol=1e-6)

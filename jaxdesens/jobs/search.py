@@ -12,7 +12,6 @@ Output folder:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -207,7 +206,3 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
             f"random same-ratio masks {v['random_same_ratio_mean']:.4f} +- {v['random_same_ratio_std']:.4f}")
     write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def load_summary(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "summary.json").read_text())
