@@ -155,7 +155,7 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
     `candidates` (M, H, W) replaces the generator (the Section 4.2 baseline scores masks of one
     hole-ratio level); otherwise `config.n` candidates `max(m_r, template)` are drawn. Candidates
     below `config.min_ratio` keep objective +inf and CE NaN in the table without being scored.
-    `on_chunk(candidates done, candidates per second)` reports progress.
+    `on_chunk(candidates done, scored masks per second of scoring so far)` reports progress.
     """
     dtype = folded["stem"]["w"].dtype
     x = jnp.asarray(images, jnp.float32)
@@ -215,7 +215,7 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
             score(waiting[:chunk], queue[:chunk])
             queue, waiting = _dequeue(queue), waiting[chunk:]
         if on_chunk is not None:
-            on_chunk(valid, (indices[-1] + 1) / max(time.perf_counter() - start_time, 1e-9))
+            on_chunk(valid, scored / scoring_seconds if scoring_seconds else 0.0)
     if len(waiting):
         score(waiting, queue[:chunk])
     if best[1] < 0:

@@ -173,7 +173,7 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
 
     def on_chunk(done: int, rate: float) -> None:
         bar.update(done)
-        bar.set_postfix(candidates_s=f"{rate:.0f}")
+        bar.set_postfix(masks_s=f"{rate:.0f}")
 
     result = search_mask(folded, train_set.images[score_idx], train_set.labels[score_idx], template, config,
                          candidates, on_chunk)
