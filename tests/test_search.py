@@ -136,7 +136,7 @@ def test_balanced_sample_covers_identities_first():
 
 
 @pytest.mark.slow
-def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, tmp_path):
+def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, att_dir, tmp_path):
     out = tmp_path / "search"
     job = SearchJob(checkpoint=str(att_clean_workdir), out=str(out), n=256, K=64, T=0.6, batch_images=64, seed=0)
     summary = run_search_job(job, progress=False, log=lambda _: None)
@@ -153,6 +153,11 @@ def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, tmp_
     assert {"rmg_min_vertex", "rmg_max_angle", "ce", "ratio"} <= set(rows[0])
     for name in ("top_masks.png", "template_thresholds.png", "mean_saliency.npy", "summary.json"):
         assert (out / name).exists()
+    with pytest.raises(ValueError, match="inside the data folder"):
+        run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(att_dir / "search")), log=lambda _: None)
+    with pytest.raises(ValueError, match="checkpoint workdir"):
+        run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(att_clean_workdir)), log=lambda _: None)
+    assert not (att_dir / "search").exists()
     with pytest.raises(ValueError, match="raise --T"):
         run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "big"), K=8, T=0.0),
                        progress=False, log=lambda _: None)

@@ -65,6 +65,7 @@ from jaxdesens.data.export_reader import (
 from jaxdesens.data.images import is_image_file, load_image
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.masks import io as mask_io
+from jaxdesens.paths import is_inside
 
 STATE = ".jaxdesens-export-state.json"
 JOURNAL = ".jaxdesens-export-journal.jsonl"
@@ -273,20 +274,16 @@ def plan_export(root: str | os.PathLike, key: bytes) -> tuple[str, list[PlannedF
 
 
 # ---------------------------------------------------------------------------------- settings
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
 def check_paths(job: ExportJob, owner_log: Path) -> None:
     data, out = Path(job.data).resolve(), Path(job.out).resolve()
-    if _inside(out, data):
+    if is_inside(out, data):
         raise DataError(f"{job.out}: the output folder is inside the input folder {job.data}; "
                         "choose an output folder outside it")
-    if _inside(data, out):
+    if is_inside(data, out):
         raise DataError(f"{job.data}: the input folder is inside the output folder {job.out}; "
                         "choose an output folder outside it")
     for what, path in (("--key", Path(job.key)), ("the owner log", owner_log)):
-        if _inside(path.resolve(), out):
+        if is_inside(path.resolve(), out):
             raise DataError(f"{path}: {what} would be inside the export {job.out}, which is handed over; "
                             "keep it outside")
     if out.exists() and not out.is_dir():
