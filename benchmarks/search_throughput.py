@@ -13,6 +13,7 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import jax.numpy as jnp
 
+from jaxdesens import parallel
 from jaxdesens.masks.freeform import StrokeRanges
 from jaxdesens.models import ResNet, conv
 from jaxdesens.models.functional import fold_batchnorm, forward
@@ -23,16 +24,20 @@ STAGES = ("scoring", "generation", "ebp")  # ebp includes the plain forward it i
 
 
 def scoring_rows(args, folded, images, labels, template, ranges, key) -> list[dict]:
+    """Masks/s of `score_masks`, its masks split over every local device as `search_mask` does."""
     rows = []
     dtype_name = jnp.dtype(folded["stem"]["w"].dtype).name
+    mesh = parallel.make_mesh(jax.local_devices())
+    gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
+    folded, images, labels, gamma, floor = parallel.put_replicated((folded, images, labels, gamma, floor), mesh)
     for chunk in (int(c) for c in args.chunk.split(",")):
         masks, _ = make_candidates(key, jnp.arange(chunk), template, ranges)
-        gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
+        masks = jax.device_put(masks, parallel.batch_sharded(mesh))
         scorer = score_masks.lower(folded, images, labels, masks, gamma, floor).compile()
         r = common.time_it(lambda: scorer(folded, images, labels, masks, gamma, floor)["objective"].block_until_ready(),
                            chunk, windows=args.windows, iters=args.iters)
         rows.append({"name": "scoring", "value": r["per_s"], "unit": "masks/s", "chunk": chunk,
-                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {dtype_name}"
+                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {dtype_name}, {mesh.size} device(s)"
                               + (", space-to-depth stem" if conv.SPACE_TO_DEPTH else ""),
                      "images_per_s": r["per_s"] * args.batch_images, **r})
     return rows

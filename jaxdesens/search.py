@@ -14,7 +14,9 @@ the privacy requirement directly, as the paper's Section 4.2 does by searching o
 
 Candidates are drawn on the device from per-candidate keys (so the result does not depend on the
 chunk size); those above the floor are packed, in index order, into calls of `chunk` masks scored
-with `jax.vmap` over masks inside one jitted call on the BatchNorm-folded network.
+with `jax.vmap` over masks inside one jitted call on the BatchNorm-folded network. The masks of a
+call are split over every local device (the network and the B images are replicated), so a
+machine with several accelerators scores proportionally more masks per second.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxdesens import parallel
 from jaxdesens.masks import freeform
 from jaxdesens.models.functional import Folded, forward
 
@@ -158,18 +161,22 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
     `on_chunk(candidates done, scored masks per second of scoring so far)` reports progress.
     """
     dtype = folded["stem"]["w"].dtype
+    mesh = parallel.make_mesh(jax.local_devices())
+    spread = parallel.batch_sharded(mesh)  # masks of a call split over the devices
     x = jnp.asarray(images, jnp.float32)
     x = (x / 255.0 if images.dtype == np.uint8 else x).astype(dtype)
-    y = jnp.asarray(labels, jnp.int32)
+    gamma, min_ratio = jnp.float32(config.gamma), jnp.float32(config.min_ratio)
+    folded, x, y, gamma, min_ratio = parallel.put_replicated(
+        (folded, x, jnp.asarray(labels, jnp.int32), gamma, min_ratio), mesh)
     template_d = jnp.asarray(template, jnp.float32)
     n = config.n if candidates is None else len(candidates)
-    chunk = config.chunk or auto_chunk(len(images), images.shape[1:], folded["stem"]["w"].shape[-1],
-                                       jnp.dtype(dtype).itemsize)
+    chunk = config.chunk or mesh.size * auto_chunk(len(images), images.shape[1:], folded["stem"]["w"].shape[-1],
+                                                   jnp.dtype(dtype).itemsize)
+    chunk = -(-chunk // mesh.size) * mesh.size  # whole shares per device
     key = jax.random.key(config.seed)
-    gamma, min_ratio = jnp.float32(config.gamma), jnp.float32(config.min_ratio)
     # Compiled ahead of time, so masks/s measures scoring and not compilation.
-    scorer = score_masks.lower(folded, x, y, jax.ShapeDtypeStruct((chunk, *template.shape), jnp.float32),
-                               gamma, min_ratio).compile()
+    masks_spec = jax.ShapeDtypeStruct((chunk, *template.shape), jnp.float32, sharding=spread)
+    scorer = score_masks.lower(folded, x, y, masks_spec, gamma, min_ratio).compile()
     table = {"index": np.arange(n), "objective": np.full(n, np.inf, np.float32),
              "ce": np.full(n, np.nan, np.float32), "ratio": np.zeros(n, np.float32)}
     best: tuple[float, int, np.ndarray | None] = (np.inf, -1, None)
@@ -184,7 +191,7 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
         nonlocal best, scoring_seconds, scored
         valid = len(indices)
         t0 = time.perf_counter()
-        scores = jax.device_get(scorer(folded, x, y, masks, gamma, min_ratio))
+        scores = jax.device_get(scorer(folded, x, y, jax.device_put(masks, spread), gamma, min_ratio))
         scoring_seconds += time.perf_counter() - t0
         scored += valid
         table["objective"][indices] = scores["objective"][:valid]

@@ -1,4 +1,5 @@
-"""Small builders shared by tests: tiny identity folders and subprocess environments."""
+"""Small builders shared by tests: tiny identity folders, a tiny search problem and subprocess
+environments."""
 
 from __future__ import annotations
 
@@ -27,6 +28,23 @@ def write_identity_folder(root: Path, identities: int = 3, per_identity: int = 4
             image = Image.fromarray(pixels) if suffix == ".pgm" else Image.fromarray(np.stack([pixels] * 3, -1))
             image.save(folder / f"{j + 1:04d}{suffix}")
     return root
+
+
+def tiny_search_problem(size: int = 32):
+    """A tiny random ResNet (BN-folded), six images, their labels and a template band: the same
+    arrays in every process, so a child with several devices can be compared with this one."""
+    import jax
+
+    from jaxdesens.models import ResNet
+    from jaxdesens.models.functional import fold_batchnorm
+
+    model = ResNet(depth=18, num_classes=4, width=0.125)
+    images = jax.random.uniform(jax.random.key(0), (6, size, size, 3))
+    variables = model.init(jax.random.key(1), images)
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    template = np.zeros((size, size), np.float32)
+    template[10:16, 6:26] = 1.0
+    return fold_batchnorm(variables, 18), np.asarray(images), labels, template
 
 
 def subprocess_env(devices: int = 1) -> dict[str, str]:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import PYTHON, ROOT, subprocess_env, tiny_search_problem
 
 from jaxdesens.jobs.search import SearchJob, balanced_sample, run_search_job
 from jaxdesens.masks import levels
 from jaxdesens.masks.io import load_mask
-from jaxdesens.models import ResNet
-from jaxdesens.models.functional import fold_batchnorm, forward
+from jaxdesens.models.functional import forward
 from jaxdesens.saliency.template import threshold_template
 from jaxdesens.search import (
     CPU_CHUNK,
@@ -32,13 +33,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = ResNet(depth=18, num_classes=4, width=0.125)
-    images = jax.random.uniform(jax.random.key(0), (6, SIZE, SIZE, 3))
-    variables = model.init(jax.random.key(1), images)
-    labels = np.array([0, 1, 2, 3, 0, 1])
-    template = np.zeros((SIZE, SIZE), np.float32)
-    template[10:16, 6:26] = 1.0
-    return fold_batchnorm(variables, 18), np.asarray(images), labels, template
+    return tiny_search_problem(SIZE)
 
 
 def test_scores_equal_a_direct_loop(tiny):
@@ -82,6 +77,32 @@ def test_result_does_not_depend_on_chunk_size(tiny, floored):
     np.testing.assert_array_equal(best.best_mask, candidate_masks(template, np.array([best.best_index]),
                                                                  SearchConfig())[0])
     assert sorted(best.table["index"]) == list(range(40))
+
+
+MULTI_DEVICE_SEARCH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from helpers import tiny_search_problem
+from jaxdesens.search import SearchConfig, search_mask
+assert jax.device_count() == 4
+result = search_mask(*tiny_search_problem(), SearchConfig(n=40, chunk=8, gamma=1.0, min_ratio=float(sys.argv[2])))
+print(json.dumps({"best": result.best_index, "objective": result.table["objective"].tolist(), "scored": result.scored}))
+"""
+
+
+@pytest.mark.slow
+def test_four_devices_split_the_masks_and_find_the_same_mask(tiny):
+    folded, images, labels, template = tiny
+    floor = 0.45
+    single = search_mask(folded, images, labels, template, SearchConfig(n=40, chunk=8, gamma=1.0, min_ratio=floor))
+    child = subprocess.run([PYTHON, "-c", MULTI_DEVICE_SEARCH, str(ROOT / "tests"), str(floor)],
+                           env=subprocess_env(devices=4), capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    multi = json.loads(child.stdout.splitlines()[-1])
+    assert multi["best"] == single.best_index and multi["scored"] == single.scored
+    assert 0 < single.scored < 40
+    np.testing.assert_allclose(np.array(multi["objective"], np.float32), single.table["objective"], rtol=1e-5)
 
 
 def test_min_ratio_floor_and_baseline_candidates(tiny):
