@@ -11,6 +11,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}"  # leave room for torch
 py="${PYTHON:-python3}"
+# A GPU machine without network or grain: install the wheels carried in .whl/ (see the README).
+if ! "$py" -c "import grain" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  site="${TMPDIR:-/tmp}/jaxdesens-site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+  export PYTHONPATH="$site:$PYTHONPATH"
+fi
 if [ "${QUICK:-0}" = 1 ]; then
   quick="--quick"; torch_args="--quick --device cpu"
 else
