@@ -65,15 +65,21 @@ class Recognizer:
 
 
 def load_recognizer(workdir: str | Path) -> Recognizer:
-    """Restores the latest checkpoint of a training workdir (params and BatchNorm statistics)."""
+    """Restores the latest checkpoint of a training workdir (params and BatchNorm statistics), or
+    the global model of the last round of a federated one."""
     from jaxdesens.train import build_model, create_train_state
     from jaxdesens.workdir import RunDirectory
 
     path = Path(workdir)
     record_path = path / "run.json"
     if not record_path.exists():
-        raise DataError(f"{path}: not a training workdir (no run.json); pass the --workdir of launch/train.py")
+        raise DataError(f"{path}: not a training workdir (no run.json); pass the --workdir of launch/train.py "
+                        "or launch/federated.py")
     record = json.loads(record_path.read_text())
+    if "federated" in record:
+        from jaxdesens.federated import load_global
+
+        return load_global(path)[0]
     config = TrainConfig.from_json(record["config"])
     model = build_model(config, record["num_classes"])
     run = RunDirectory(path)

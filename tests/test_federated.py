@@ -19,6 +19,7 @@ from helpers import PYTHON, ROOT, subprocess_env
 from jaxdesens import federated as F
 from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet
+from jaxdesens.recognizer import load_recognizer
 from jaxdesens.train import MaskSource, build_model, create_train_state, lr_schedule, make_optimizer, train_step
 from jaxdesens.workdir import ResumeError, RunDirectory
 
@@ -253,6 +254,9 @@ def test_simulation_on_att_reports_every_round_and_resumes(simulated):
     record = json.loads((simulated / "run.json").read_text())
     assert record["federated"]["clients"] == 2 and record["config"]["steps"] == 4
     assert json.loads((simulated / "eval.json").read_text())["round"] == 2
+    # every command that takes --checkpoint reads the last round's global model
+    last, round_index = F.load_global(simulated)
+    assert round_index == 2 and tree_max_diff(load_recognizer(simulated).variables, last.variables) == 0
 
 
 @pytest.mark.slow
