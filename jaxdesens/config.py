@@ -8,6 +8,35 @@ from typing import Any
 
 MODELS = ("resnet", "mask", "fsm")
 
+# --help text of each TrainConfig field, shared by every command that trains.
+TRAIN_HELP = {
+    "model": "resnet (clean images), mask (masked images) or fsm (masked images + FSM branch)",
+    "data": "identity folder, desensitized export or array_record set; none = synthetic faces",
+    "mask": "mask file (.png or .npy, 1/255 = visible) for --model=mask|fsm; none = random level masks",
+    "depth": "ResNet depth, 18 or 34",
+    "width": "channel width multiplier (1.0 = 64..512 channels)",
+    "image_size": "side in pixels images are resized to",
+    "channels": "3 (RGB) or 1 (grey)",
+    "fsm_after": "insert the FSM gate after layer 1..4",
+    "batch_size": "global batch, split over the devices",
+    "steps": "training steps",
+    "lr": "initial SGD learning rate (divided by ten at 50%%, 70%% and 90%% of the steps)",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay on convolution and dense kernels",
+    "bf16": "bfloat16 compute with float32 parameters",
+    "flip": "random horizontal flips (turned off on a desensitized export)",
+    "seed": "seed of the initialisation, batches, flips and random masks",
+    "holdout": "share of identities held out (never trained on) for verification",
+    "split_seed": "seed of the identity split (models compared on one test set need the same one)",
+    "level_bank_size": "random masks drawn per hole-ratio level for --model=mask|fsm without --mask",
+    "synthetic_identities": "identities of the synthetic set (without --data)",
+    "synthetic_images_per_identity": "images per identity of the synthetic set (without --data)",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept (the newest)",
+    "log_every": "steps between metrics lines (metrics.jsonl, TensorBoard)",
+    "eval_batch_size": "batch of the held-out verification",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

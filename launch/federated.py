@@ -27,11 +27,10 @@ import sys
 import _path  # noqa: F401
 
 from jaxdesens.cli import add_dataclass_flags, add_progress_flag, dataclass_from_args, run
-from jaxdesens.config import TrainConfig
+from jaxdesens.config import TRAIN_HELP, TrainConfig
 
 HELP = {
-    "model": "resnet (clean images), mask (masked images) or fsm (masked images + FSM branch)",
-    "data": "identity folder, desensitized export or array_record set; none = synthetic faces",
+    **TRAIN_HELP,
     "mask": "the server's mask file (.png/.npy, from launch/search.py); none = random level masks",
     "steps": "not used: federated training runs rounds x local_steps steps",
     "holdout": "share of identities held out (the server's verification set)",

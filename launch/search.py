@@ -25,8 +25,12 @@ HELP = {
     "K": "images averaged into the mean saliency map",
     "gamma": "weight of the mask ratio in the objective (default ln(number of classes))",
     "batch_images": "labelled images B each candidate is scored on",
-    "chunk": "masks per vmapped scoring call (0 = 32 on a CPU, from device memory on an accelerator)",
+    "chunk": "masks per vmapped scoring call, split over the devices (0 = 32 per CPU device, or from each "
+             "accelerator's memory)",
     "without_ebp": "ablation: no template (S empty)",
+    "seed": "seed of the candidates and of the template and scoring images",
+    "contrastive": "contrastive EBP (target minus the dual pass) rather than plain EBP",
+    "random_repeats": "random same-ratio masks the searched mask is compared with",
     "level": "Section 4.2 baseline: candidates from this hole-ratio level (0..5) instead of free-form strokes",
     "min_ratio": "policy floor: candidates hiding less than this share are rejected",
     "adapt_floor": "lower the floor to 90%% of what the template leaves hideable when T keeps too much",
