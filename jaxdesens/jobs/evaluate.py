@@ -35,7 +35,7 @@ from jaxdesens.data import DataError, IdentitySet
 from jaxdesens.masks import LEVELS, load_mask, make_level_bank, masks_at_level
 from jaxdesens.metrics.attacks import ATTACK_METHODS, inpaint, restoration_report
 from jaxdesens.metrics.verification import Pairs, generate_pairs, verification_report
-from jaxdesens.paths import is_inside
+from jaxdesens.paths import check_output_folder
 from jaxdesens.recognizer import Recognizer
 
 ROLE_LABELS = {"resnet": "resnet", "mask": "resnet-mask", "fsm": "resnet-fsm"}
@@ -817,14 +817,9 @@ def check_compatible(workdirs: Sequence[str], records: Sequence[dict[str, Any]],
 
 
 def check_out(job: EvaluateJob, data: str | None) -> Path:
-    out = Path(job.out).resolve()
-    for name, folder in (("--data", data), ("--lfw_root", job.lfw_root), ("--test_data", job.test_data)):
-        if folder is not None and is_inside(out, folder):
-            raise ValueError(f"--out={job.out} lies inside {name}={folder}; write results outside the data")
-    for workdir in job.checkpoints:
-        if out == Path(workdir).resolve():
-            raise ValueError(f"--out={job.out} is the checkpoint workdir {workdir}; choose another folder")
-    return out
+    folders = {"--data": data, "--lfw_root": job.lfw_root, "--test_data": job.test_data}
+    return check_output_folder(job.out, {f"{flag}={folder}": folder for flag, folder in folders.items()},
+                               job.checkpoints)
 
 
 def _versions() -> dict[str, str]:

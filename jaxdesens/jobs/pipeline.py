@@ -36,6 +36,7 @@ from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet, load_dataset, make_synthetic, scan_identity_folder
 from jaxdesens.data.splits import held_out_indices
 from jaxdesens.data.synthetic import SyntheticConfig
+from jaxdesens.paths import is_inside
 from jaxdesens.workdir import write_json_atomic
 
 
@@ -232,7 +233,7 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
     from jaxdesens.masks.io import load_mask
 
     root = Path(job.workdir).resolve()
-    if job.data is not None and Path(job.data).resolve() in (root, *root.parents):
+    if job.data is not None and is_inside(root, job.data):
         raise ValueError(f"--workdir={job.workdir} lies inside --data={job.data}; write outputs elsewhere")
     root.mkdir(parents=True, exist_ok=True)
     p = job.settings

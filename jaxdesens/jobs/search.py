@@ -25,7 +25,7 @@ from jaxdesens.data import DataError, IdentitySet, split_identities
 from jaxdesens.masks import freeform, levels
 from jaxdesens.masks.io import save_mask
 from jaxdesens.models.functional import fold_batchnorm
-from jaxdesens.paths import is_inside
+from jaxdesens.paths import check_output_folder
 from jaxdesens.recognizer import Recognizer, load_recognizer
 from jaxdesens.saliency.template import mean_saliency, save_template_figure, threshold_template
 from jaxdesens.search import SearchConfig, candidate_masks, search_mask, table_rows
@@ -131,10 +131,7 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     out = Path(job.out)
     recognizer = load_recognizer(job.checkpoint)
     data = job.data if job.data is not None else recognizer.config.data
-    if data is not None and is_inside(out, data):
-        raise ValueError(f"--out={job.out} lies inside the data folder {data}; write the search outside the data")
-    if out.resolve() == Path(job.checkpoint).resolve():
-        raise ValueError(f"--out={job.out} is the checkpoint workdir; choose another folder")
+    check_output_folder(out, {f"the data folder {data}": data}, [job.checkpoint])
     out.mkdir(parents=True, exist_ok=True)
     if recognizer.model.fsm_after is not None:
         raise ValueError(f"{job.checkpoint}: an FSM model; Algorithm 1 scores masks with a clean model "
