@@ -271,12 +271,12 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
     ablations: dict[str, Any] = {}
     no_ebp = stage("no-EBP search", lambda: search_stage(root / "no_ebp", root / "clean", job, log, progress,
                                                        without_ebp=True, evaluate=False))
+    no_ebp_mask = load_mask(root / "no_ebp" / "mask.png", p.image_size)
     ablations["ebp"] = {
         "with_ebp": {**mask_privacy(test, mask, p.attack_images),
                      "clean_accuracy": situation_one(root / "clean", test, mask)},
-        "without_ebp": {**mask_privacy(test, load_mask(root / "no_ebp" / "mask.png", p.image_size), p.attack_images),
-                        "clean_accuracy": situation_one(root / "clean", test,
-                                                        load_mask(root / "no_ebp" / "mask.png", p.image_size))},
+        "without_ebp": {**mask_privacy(test, no_ebp_mask, p.attack_images),
+                        "clean_accuracy": situation_one(root / "clean", test, no_ebp_mask)},
         "objective": {"with_ebp": search["objective"], "without_ebp": no_ebp["objective"]}}
     points = {}
     for layer in p.fsm_points:
