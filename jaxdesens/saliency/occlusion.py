@@ -81,3 +81,8 @@ def occlusion_maps(folded: Folded, images: np.ndarray, labels: np.ndarray, *, pa
         rises = ce - np.asarray(base)
         out[start:start + len(rises[0])] = np.einsum("pb,phw->bhw", rises, hidden) / coverage
     return out
+
+
+def default_patch(image_side: int) -> int:
+    """An eighth of the image side (8 px at 64 px): about one facial feature (an eye, the nose tip)."""
+    return max(2, image_side // 8)
