@@ -29,6 +29,7 @@ from flax import traverse_util
 from jaxdesens.models import ResNet
 from jaxdesens.models.functional import fold_batchnorm
 from jaxdesens.saliency.ebp import ExcitationOps, excitation_signal
+from jaxdesens.saliency.template import mean_saliency
 
 DEPTH, WIDTH, NUM_CLASSES = 18, 0.125, 5
 SIZES = {"40x48": (40, 48), "64x64": (64, 64)}  # layer4: 2x2 both; layer3 3x3 vs 4x4
@@ -168,6 +169,33 @@ def test_mutated_residual_split_changes_the_reference(network, reference_maps, e
         expected = reference_maps[key]
         spread = max(np.abs(m - e).max() / np.abs(e).max() for m, e in zip(maps, expected))
         assert spread > 100 * TOLERANCE, (eltwise, key, spread)
+
+
+def _normalised_maps(signal: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Per image: clamp at 0, bilinear upsampling (half-pixel centres) to the image, scale to max 1."""
+    upsampled = F.interpolate(torch.as_tensor(np.maximum(signal, 0.0))[:, None], size=hw, mode="bilinear",
+                              align_corners=False)[:, 0].numpy()
+    peak = upsampled.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, upsampled / np.where(peak > 0, peak, 1.0), 0.0)
+
+
+def _min_max(a: np.ndarray) -> np.ndarray:
+    return (a - a.min()) / (a.max() - a.min())
+
+
+def test_mean_saliency_uses_each_images_label(network, reference_maps):
+    """The template's mean map (Formula 4) is the min-max-rescaled sum of each image's normalised
+    contrastive map for its own label; all-class-0 or shuffled labels give a visibly different map."""
+    _, variables, images = network
+    layers = {"saliency_layer": "layer2", "contrast_layer": "layer4", "contrastive": True}
+    hw = SIZES["40x48"]
+    expected = _min_max(_normalised_maps(reference_maps[("40x48", *layers.values())], hw).sum(0))
+    got = mean_saliency(fold_batchnorm(variables, DEPTH), images["40x48"], TARGETS, batch_size=len(TARGETS), **layers)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    params = ref.convert_flax_variables(variables)
+    for labels in (np.zeros_like(TARGETS), np.roll(TARGETS, 1)):
+        wrong = ref.excitation_signal(params, images["40x48"], labels, **layers)
+        assert np.abs(_min_max(_normalised_maps(wrong, hw).sum(0)) - expected).max() > 0.05, labels
 
 
 def _with_bn_scales(variables, transform):
