@@ -6,7 +6,8 @@ Functions (Caffe ExcitationBP / TorchRay; BatchNorm as the Caffe ResNet demo: th
 decides the convolution's excitatory weights, and BN passes the signal through). The library must
 give the same per-image, channel-summed, unclamped signal to 1e-4 of each map's largest magnitude,
 at every saliency layer, plain and contrastive, on a random ResNet-18 with randomised BatchNorm
-(some negative scales; non-zero last scales, so the residual branches carry signal).
+(some negative scales; non-zero last scales, so the residual branches carry signal). The template's
+mean map (`mean_saliency`) is checked against the reference's maps for each image's own label.
 
 The reference is itself checked without the library: on a network without residual connections it
 equals an explicit matrix formulation (NumPy, loops), its element-wise-sum rule is checked on a
