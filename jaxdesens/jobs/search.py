@@ -54,7 +54,7 @@ class SearchJob:
     batch_images: int = 32
     chunk: int = 0
     seed: int = 0
-    saliency_layer: str = "layer2"
+    saliency_layer: str = "layer3"
     contrast_layer: str = "layer4"
     contrastive: bool = True
     saliency: str = "ebp"
