@@ -317,6 +317,7 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
               "preset": dataclasses.asdict(p), "split": split, "training": {"clean": clean, **trained},
               "search": {k: search[k] for k in ("objective", "ce", "ratio", "template_kept", "masks_per_s")
                          if k in search},
+              "faithfulness": {k: v for k, v in search.get("faithfulness", {}).items() if not k.endswith("_curve")},
               "privacy": privacy, "ablations": ablations, "seconds": timings}
     write_json_atomic(root / "report.json", report)
     (root / "report.md").write_text(render(report, (root / "evaluate" / "report.md").read_text()))
@@ -338,6 +339,23 @@ def privacy_lines(privacy: dict[str, Any]) -> list[str]:
     return lines
 
 
+def faithfulness_lines(f: dict[str, Any]) -> list[str]:
+    """Does the template sit where the recognizer looks? Occlusion sensitivity is the ground truth."""
+    if not f:
+        return []
+    dele, ins = f["deletion_auc"], f["insertion_auc"]
+    return ["## Template faithfulness (occlusion as ground truth)", "",
+            f"Mean EBP vs mean occlusion map over {f['images']} images: r = {f['ebp_occlusion_correlation']:.2f}. "
+            f"The template keeps {_pct(f['template_area'])} of the pixels and {_pct(f['occlusion_share_in_template'])} "
+            f"of the occlusion effect ({f['occlusion_share_over_area']:.2f}x its area share); "
+            f"{_pct(f['template_border_share'])} of its pixels lie within 4 px of the border.", "",
+            "| order | deletion AUC (higher: faster loss) | insertion AUC (lower: faster recovery) |",
+            "|---|---:|---:|",
+            *(f"| {k} | {dele[k]:.2f} | {ins[k]:.2f} |" for k in ("ebp", "occlusion", "random")),
+            f"(random: mean of smooth random orders; std {f['deletion_auc_random_std']:.2f} / "
+            f"{f['insertion_auc_random_std']:.2f})", ""]
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -356,7 +374,8 @@ def render(report: dict[str, Any], evaluation_md: str) -> str:
     s = report["search"]
     lines += ["", "## Searched mask", "",
               f"Objective {s['objective']:.3f} (CE {s['ce']:.3f}), hides {_pct(s['ratio'])}; the template keeps "
-              f"{_pct(s['template_kept'])}.", "", *privacy_lines(report["privacy"]), "",
+              f"{_pct(s['template_kept'])}.", "", *faithfulness_lines(report["faithfulness"]),
+              *privacy_lines(report["privacy"]), "",
               "## Ablation: search without EBP (paper Table 6)", "",
               "| mask | ratio | clean-model accuracy (Situation 1) | dSSIM | PSNR after Telea |",
               "|---|---:|---:|---:|---:|"]
