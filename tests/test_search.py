@@ -46,7 +46,7 @@ def test_scores_equal_a_direct_loop(tiny):
         ratio = 1 - mask.mean()
         np.testing.assert_allclose(scores["ce"][i], ce, rtol=1e-5)
         np.testing.assert_allclose(scores["ratio"][i], ratio, rtol=1e-6)
-        np.testing.assert_allclose(scores["objective"][i], ce - 2.0 * ratio, rtol=1e-5)
+        np.testing.assert_allclose(scores["objective"][i], ce - 2.0 * ratio, rtol=1e-5, atol=1e-5 * ce)
 
 
 def test_candidates_keep_the_template_and_are_binary(tiny):
@@ -185,7 +185,7 @@ def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, att_
     for name in ("top_masks.png", "template_thresholds.png", "mean_saliency.npy", "summary.json", "faithfulness.png",
                  "occlusion.png"):
         assert (out / name).exists()
-    by_occlusion = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "occ"), n=32, K=64,
+    by_occlusion = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "occ"), n=16, K=16,
                                             T=0.6, saliency="occlusion", faithfulness=False, evaluate=False),
                                   progress=False, log=lambda _: None)
     np.testing.assert_array_equal(load_mask(tmp_path / "occ" / "template.png"), threshold_template(
