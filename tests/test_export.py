@@ -19,16 +19,10 @@ from PIL import Image, ImageCms, PngImagePlugin
 
 from jaxdesens.data import DataError, load_dataset
 from jaxdesens.data.images import load_image
-from jaxdesens.desensitize.export import (
-    ALLOWED_PNG_CHUNKS,
-    JOURNAL,
-    ExportJob,
-    file_id,
-    load_or_create_key,
-    png_chunks,
-    pseudonym,
-    run_export,
-)
+from jaxdesens.desensitize.export import ExportJob, run_export
+from jaxdesens.desensitize.files import ALLOWED_PNG_CHUNKS, png_chunks
+from jaxdesens.desensitize.pseudonyms import file_id, load_or_create_key, pseudonym
+from jaxdesens.desensitize.resume import JOURNAL
 from jaxdesens.masks.io import load_mask, save_mask
 
 SIZE = 32
