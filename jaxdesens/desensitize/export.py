@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from jaxdesens.data.errors import DataError
 from jaxdesens.data.export_reader import FORMAT, MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD
@@ -48,7 +49,7 @@ from jaxdesens.desensitize.files import encode_png, write_atomic, write_json
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.desensitize.pseudonyms import PlannedFile, load_or_create_key, plan_export
 from jaxdesens.desensitize.report import ATTACKS, attack_report, batch_quality, render_report_md, stats
-from jaxdesens.desensitize.resume import JOURNAL, STATE, open_output, output_files
+from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
 from jaxdesens.paths import is_inside
 
@@ -101,9 +102,18 @@ class ExportJob:
         return tuple(a.strip() for a in self.attacks.split(",") if a.strip() and a.strip() != "none")
 
 
-
-
 # ---------------------------------------------------------------------------------- settings
+def _creatable(flag: str, path: Path) -> None:
+    """Refuses, naming the flag, a path that cannot be created: under a file, or not writable."""
+    if path.exists():
+        return
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{flag}={path}: cannot create it, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{flag}={path}: cannot create it, {existing} is not writable")
+
+
 def check_paths(job: ExportJob, owner_log: Path) -> None:
     data, out = Path(job.data).resolve(), Path(job.out).resolve()
     if is_inside(out, data):
@@ -116,14 +126,37 @@ def check_paths(job: ExportJob, owner_log: Path) -> None:
         if is_inside(path.resolve(), out):
             raise DataError(f"{path}: {what} would be inside the export {job.out}, which is handed over; "
                             "keep it outside")
+    if is_inside(owner_log, data):
+        raise DataError(f"--owner_log={owner_log} is inside --data={job.data}; outputs never go into the input")
     if out.exists() and not out.is_dir():
         raise DataError(f"{job.out}: exists and is not a folder")
+    for flag, path in (("--key", Path(job.key).resolve()), ("--out", out), ("--owner_log", owner_log.resolve())):
+        _creatable(flag, path)
+    check_owner_log(owner_log, out)
 
 
 def default_owner_log(job: ExportJob) -> Path:
+    """Next to the key, named after the export folder and a hash of its full path: two exports
+    named alike (a/export, b/export) with one key folder keep separate logs."""
     if job.owner_log:
         return Path(job.owner_log)
-    return Path(job.key).resolve().parent / f"{Path(job.out).resolve().name}.owner-log.json"
+    out = Path(job.out).resolve()
+    tag = hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return Path(job.key).resolve().parent / f"{out.name}.{tag}.owner-log.json"
+
+
+def check_owner_log(owner_log: Path, out: Path) -> None:
+    """An existing owner log may only be replaced by a run of the same export."""
+    if not owner_log.exists():
+        return
+    try:
+        previous = json.loads(owner_log.read_text()).get("export")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{owner_log}: exists and is not an owner log of this tool; choose another --owner_log") \
+            from err
+    if previous != str(out):
+        raise DataError(f"{owner_log}: this owner log belongs to another export ({previous}); choose another "
+                        "--owner_log or another --out")
 
 
 def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray | None, int, int | None]:
@@ -132,6 +165,7 @@ def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray
         size = job.size or paper_sizes(job.image_size)[job.method][1]
         return None, job.image_size, size
     mask = mask_io.load_mask(job.mask)
+    _refuse_grey_png(job.mask)
     height, width = mask.shape
     if height != width:
         raise DataError(f"{job.mask}: mask is {height}x{width}; images are exported square (shorter side resized, "
@@ -144,7 +178,23 @@ def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray
             f"{1.0 - mask.mean():.3f}")
     if mask.min() == 1.0:
         raise DataError(f"{job.mask}: the mask hides no pixel; the export would be the original images")
+    if mask.max() == 0.0:
+        raise DataError(f"{job.mask}: the mask hides every pixel at {image_size}x{image_size}; the export would be "
+                        "black images (and the receiver's reader refuses such an export)")
     return mask, image_size, None
+
+
+def _refuse_grey_png(path: str) -> None:
+    """A PNG mask must be 0/255 only: thresholding grey (anti-aliased, resized) edges at 128 would
+    silently decide which pixels leave, and a non-binary .npy is refused too."""
+    if Path(path).suffix.lower() != ".png":
+        return
+    with Image.open(path) as image:
+        values = np.asarray(image.convert("L"))
+    grey = int(np.count_nonzero((values != 0) & (values != 255)))
+    if grey:
+        raise DataError(f"{path}: {grey} pixel(s) are neither 0 nor 255 (a grey or anti-aliased PNG); a mask must be "
+                        "binary (255 = visible, 0 = hidden): use the mask launch/search.py wrote, or threshold it")
 
 
 def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None, layout: str,
@@ -197,7 +247,11 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     check_paths(job, owner_log)
     mask, image_size, size = prepare_mask(job, log)
     key = load_or_create_key(job.key, log)
-    layout, plan, ignored = plan_export(job.data, key)
+    planning = plan_export(job.data, key)
+    layout, plan = planning.layout, planning.files
+    if planning.symlinks:
+        log(f"{len(planning.symlinks)} symlink(s) in --data point outside it and were followed; listed in the owner "
+            f"log {owner_log}")
     mask_png = encode_png((mask * 255).astype(np.uint8)) if mask is not None else None
     settings = _settings(job, mask, image_size, size, layout, mask_png)
     done, complete = open_output(Path(job.out), job.resume, settings, plan, log)
@@ -286,6 +340,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                     {"images": 0, "methods": {},
                      "note": f"not applicable to --method={job.method} (no hidden pixels)"}),
     }
+    written = {f["path"] for f in files} | ({MASK_FILE} if mask is not None else set())
+    refuse_unexpected(out, written | {STATE, JOURNAL}, "that this export does not write")  # before it is final
     write_json(out / REPORT_JSON, report)
     write_atomic(out / REPORT_MD, render_report_md(report).encode())
     manifest = {
@@ -295,22 +351,18 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         "mask": None if mask is None else {"file": MASK_FILE, "sha256": settings["mask_sha256"],
                                            "shape": list(mask.shape), "fingerprint": mask_io.fingerprint(mask)},
         "counts": {"files": len(files), "identities": identities, "skipped_unreadable": len(bad)},
-        "fingerprint": fingerprint, "files": files,
+        "fingerprint": fingerprint, "input_fingerprint": input_fingerprint(plan), "files": files,
     }
     write_json(out / MANIFEST, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
     (out / STATE).unlink(missing_ok=True)
-    expected = {out / MANIFEST, out / REPORT_JSON, out / REPORT_MD} | {out / f["path"] for f in files}
-    if mask is not None:
-        expected.add(out / MASK_FILE)
-    unexpected = [p for p in output_files(out) if p not in expected]
-    if unexpected:
-        raise DataError(f"{job.out}: {len(unexpected)} unexpected file(s) appeared in the export during the run "
-                        f"(e.g. {unexpected[0].name}); do not hand it over, export again into a new folder")
+    refuse_unexpected(out, written | {MANIFEST, REPORT_JSON, REPORT_MD}, "that appeared during the run: do not hand "
+                      "it over")
 
     seconds = time.perf_counter() - start_time
     owner = {"export": str(out.resolve()), "input": str(Path(job.data).resolve()), "skipped_unreadable": bad,
-             "ignored_non_images": ignored, "exported": len(files), "resumed_from": resumed,
+             "ignored_non_images": planning.ignored, "symlinks_out_of_data": planning.symlinks,
+             "exported": len(files), "resumed_from": resumed,
              "files_per_s": round(rate, 1), "seconds": round(seconds, 2)}
     write_json(owner_log, owner, mode=0o600)  # names original files: as private as the key
     log(f"exported {len(files)} images of {identities} identities to {job.out} ({rate:.0f} files/s); "
