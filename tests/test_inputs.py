@@ -137,3 +137,38 @@ def test_jpeg_draft_keeps_the_picture(tmp_path):
     Image.fromarray(big).save(tmp_path / "big.png")
     jpeg, png = load_image(tmp_path / "big.jpg", 40).astype(int), load_image(tmp_path / "big.png", 40).astype(int)
     assert np.abs(jpeg - png).mean() < 3
+
+
+# ------------------------------------------------------------------------------------ LFW pairs
+def write_pairs(tmp_path: Path, matched: list[str], mismatched: list[str]) -> Path:
+    path = tmp_path / "pairs.txt"
+    path.write_text("\n".join([f"1\t{len(matched)}", *matched, *mismatched]) + "\n")
+    return path
+
+
+def test_lfw_mismatched_line_naming_one_person_twice_is_refused(tmp_path):
+    from jaxdesens.data.lfw import parse_pairs
+
+    path = write_pairs(tmp_path, ["Ann\t1\t2", "Bob\t1\t3"], ["Ann\t1\tBob\t2", "Cid\t1\tCid\t2"])
+    with pytest.raises(DataError, match=r"pairs.txt:5: .*mismatched.*'Cid' twice"):
+        parse_pairs(path)
+
+
+def test_lfw_matched_line_naming_one_image_twice_is_refused(tmp_path):
+    from jaxdesens.data.lfw import parse_pairs
+
+    path = write_pairs(tmp_path, ["Ann\t1\t2", "Bob\t3\t3"], ["Ann\t1\tBob\t2", "Cid\t1\tDan\t2"])
+    with pytest.raises(DataError, match=r"pairs.txt:3: .*same image.*Bob.*3"):
+        parse_pairs(path)
+
+
+@pytest.mark.parametrize("name", ["../Outside", "..", ".", "a/b", "/etc", "a\\b"])
+def test_lfw_names_that_leave_the_root_are_refused(tmp_path, name):
+    from jaxdesens.data.lfw import lfw_image_path, parse_pairs
+
+    path = write_pairs(tmp_path, ["Ann\t1\t2"], [f"{name}\t1\tAnn\t2"])
+    with pytest.raises(DataError, match=r"pairs.txt:3: .*not a plain LFW name"):
+        parse_pairs(path)
+    if name in ("../Outside", "..", "/etc"):  # the reader refuses them too, whoever parsed the pairs
+        with pytest.raises(DataError, match="outside --lfw_root"):
+            lfw_image_path(tmp_path / "lfw", name, 1)

@@ -36,7 +36,7 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-MIN_SIDE = 16  # px; a shorter side below this holds no recognisable face, only a stretched blur
+MIN_SIDE = 16  # px; stretching a shorter side below this up to the output gives a blur, not a face
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb limit (~9,500 x 9,500)
 _EXIF_TRANSPOSE = {  # EXIF Orientation tag -> the transpose that shows the image upright (as viewers do)
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -72,11 +72,12 @@ def _flatten_alpha(image: Image.Image, path: str | os.PathLike) -> Image.Image:
     return Image.alpha_composite(black, rgba).convert("RGB")
 
 
-def open_image(path: str | os.PathLike, grey: bool, draft_size: int | None = None) -> Image.Image:
+def open_image(path: str | os.PathLike, grey: bool, draft_size: int | None = None,
+               min_side: int = MIN_SIDE) -> Image.Image:
     """Decodes `path` upright (EXIF orientation applied) as an 8-bit "L" or "RGB" image.
 
     Refuses, naming the file: images over Pillow's decompression-bomb limit, images under
-    `MIN_SIDE` pixels, fully transparent ones. `draft_size` lets the JPEG decoder scale down by up
+    `min_side` pixels on their shorter side, fully transparent ones. `draft_size` lets the JPEG decoder scale down by up
     to 8 while both sides stay >= it, so a 40-Mpx photo costs a few MB, not a full raster.
     """
     try:
@@ -85,8 +86,8 @@ def open_image(path: str | os.PathLike, grey: bool, draft_size: int | None = Non
             if width * height > MAX_PIXELS:
                 raise DataError(f"{path}: {width}x{height} = {width * height:,} pixels, over the decompression-bomb "
                                 f"limit of {MAX_PIXELS:,} pixels; shrink it first")
-            if min(width, height) < MIN_SIDE:
-                raise DataError(f"{path}: {width}x{height} pixels; an image needs at least {MIN_SIDE} px on its "
+            if min(width, height) < min_side:
+                raise DataError(f"{path}: {width}x{height} pixels; an image needs at least {min_side} px on its "
                                 "shorter side to hold a face (it would be stretched into a blur)")
             orientation = image.getexif().get(0x0112, 1)
             if draft_size and image.format == "JPEG":  # bounds both sides, so turning it later is safe
@@ -110,14 +111,15 @@ def open_image(path: str | os.PathLike, grey: bool, draft_size: int | None = Non
 
 
 def load_image(path: str | os.PathLike, image_size: int, channels: int = 3) -> np.ndarray:
-    """Reads `path` as a `(image_size, image_size, channels)` uint8 array (see `open_image`).
+    """Reads `path` as a `(image_size, image_size, channels)` uint8 array (see `open_image`);
+    an image under 16 px is refused only when it would be stretched (`image_size` larger).
 
     Greyscale sources are repeated to 3 channels when `channels == 3`; colour sources are
     converted to luminance when `channels == 1`.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    image = open_image(path, grey=channels == 1, draft_size=image_size)
+    image = open_image(path, grey=channels == 1, draft_size=image_size, min_side=min(MIN_SIDE, image_size))
     array = np.asarray(resize_and_center_crop(image, image_size), dtype=np.uint8)
     if array.ndim == 2:
         array = array[..., None]
