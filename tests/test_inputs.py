@@ -172,3 +172,86 @@ def test_lfw_names_that_leave_the_root_are_refused(tmp_path, name):
     if name in ("../Outside", "..", "/etc"):  # the reader refuses them too, whoever parsed the pairs
         with pytest.raises(DataError, match="outside --lfw_root"):
             lfw_image_path(tmp_path / "lfw", name, 1)
+
+
+# ------------------------------------------------------------------------------------- workdirs
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4 (a random init, no training): which one a
+    reader restored shows in its `step`."""
+    import jax
+
+    from jaxdesens.config import TrainConfig
+    from jaxdesens.data import split_identities
+    from jaxdesens.train import build_model, create_train_state, load_data
+    from jaxdesens.workdir import RunDirectory
+
+    path = tmp_path_factory.mktemp("ckpt") / "run"
+    # test_evaluate's tiny config (the same shapes hit the same compiled init in the shared cache)
+    config = TrainConfig(model="resnet", width=0.125, image_size=32, synthetic_identities=12,
+                         synthetic_images_per_identity=4, holdout=0.5, steps=4, checkpoint_every=2)
+    dataset = load_data(config)
+    train_set, _ = split_identities(dataset, config.holdout, config.split_seed)
+    run = RunDirectory(path)
+    run.claim(config, data_fingerprint=dataset.fingerprint, mask_fingerprint=None, num_classes=train_set.num_classes)
+    model = build_model(config, train_set.num_classes)
+    state = create_train_state(config, model, jax.random.key(0), train_set.image_shape)
+    run.save(2, state.replace(step=2))
+    run.save(4, state.replace(step=4, params=jax.tree.map(lambda x: x + 1, state.params)))
+    run.wait()
+    return path
+
+
+@pytest.fixture()
+def workdir(two_checkpoints, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(two_checkpoints, tmp_path / "run"))
+
+
+def test_missing_final_checkpoint_is_refused_not_replaced(workdir):
+    import shutil
+
+    from jaxdesens.recognizer import load_recognizer
+
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    with pytest.raises(DataError, match=r"4 steps.*newest checkpoint is step 2"):
+        load_recognizer(workdir)
+
+
+def test_corrupted_final_checkpoint_names_the_folder(workdir):
+    from jaxdesens.recognizer import load_recognizer
+
+    (workdir / "checkpoints" / "4" / "default" / "_METADATA").write_text("")
+    with pytest.raises(DataError, match=r"checkpoints/4: .*cannot be restored") as info:
+        load_recognizer(workdir)
+    assert "\n" not in str(info.value)
+
+
+def test_training_resume_falls_back_past_a_corrupted_newest_checkpoint(workdir):
+    import jax
+
+    from jaxdesens.config import TrainConfig
+    from jaxdesens.train import build_model, create_train_state
+    from jaxdesens.workdir import RunDirectory
+
+    (workdir / "checkpoints" / "4" / "default" / "_METADATA").write_text("")
+    config = TrainConfig.from_json(RunDirectory(workdir).read_record()["config"])
+    template = create_train_state(config, build_model(config, 6), jax.random.key(9), (32, 32, 3))
+    warnings = []
+    state = RunDirectory(workdir).restore_or(template, log=warnings.append)
+    assert int(state.step) == 2
+    assert len(warnings) == 1 and "step 4" in warnings[0] and "broken-checkpoints" in warnings[0]
+    assert (workdir / "broken-checkpoints" / "4" / "default").is_dir()  # set aside, not deleted
+    assert RunDirectory(workdir).manager.all_steps() == [2]
+
+
+def test_truncated_run_json_names_the_file(workdir):
+    from jaxdesens.jobs.evaluate import read_run_record
+    from jaxdesens.recognizer import load_recognizer
+
+    text = (workdir / "run.json").read_text()
+    (workdir / "run.json").write_text(text[: len(text) // 2])
+    for read in (load_recognizer, read_run_record):
+        with pytest.raises(DataError, match=r"run.json: .*truncated"):
+            read(workdir)
