@@ -255,3 +255,12 @@ def test_truncated_run_json_names_the_file(workdir):
     for read in (load_recognizer, read_run_record):
         with pytest.raises(DataError, match=r"run.json: .*truncated"):
             read(workdir)
+
+
+# ---------------------------------------------------------------------------------- small CLIs
+def test_summarize_help_and_missing_folder(tmp_path):
+    script = str(ROOT / "benchmarks" / "summarize.py")
+    shown = subprocess.run([PYTHON, script, "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert shown.returncode == 0 and "RESULTS_DIR" in shown.stdout and not list(tmp_path.iterdir())
+    missing = subprocess.run([PYTHON, script, str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
