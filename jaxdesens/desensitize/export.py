@@ -22,9 +22,10 @@ modification times and inode numbers follow the random-looking ids), the input p
 paths of unreadable inputs (they go to an owner-side log next to the key file; the export only
 counts them).
 
-Robustness: each file goes to a temporary name and is renamed (`files.py`); a journal of finished
-files lets `resume=True` skip files already written (`resume.py`); the manifest is written last,
-atomically. Keys and keyed names are in `pseudonyms.py`, the privacy report in `report.py`.
+Robustness: each file goes to a temporary name and is renamed (`paths.write_atomic`); a journal
+of finished files lets `resume=True` skip files already written (`resume.py`); the manifest is
+written last, atomically. Keys and keyed names are in `pseudonyms.py`, the privacy report in
+`report.py`, the PNG writer in `files.py`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ from PIL import Image
 from jaxdesens.data.errors import DataError
 from jaxdesens.data.export_reader import FORMAT, MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD
 from jaxdesens.data.images import load_image
-from jaxdesens.desensitize.files import encode_png, write_atomic, write_json
+from jaxdesens.desensitize.files import encode_png
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.desensitize.pseudonyms import PlannedFile, load_or_create_key, plan_export
 from jaxdesens.desensitize.report import ATTACKS, attack_report, batch_quality, render_report_md, stats
 from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
-from jaxdesens.paths import is_inside
+from jaxdesens.paths import is_inside, write_atomic, write_json
 
 
 @dataclasses.dataclass(frozen=True)

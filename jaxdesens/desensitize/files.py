@@ -1,20 +1,15 @@
-"""Files of an export: metadata-free PNGs and atomic writes (temporary name, then rename).
+"""The images of an export: metadata-free PNGs.
 
 A PNG keeps only its IHDR, IDAT and IEND chunks, so no EXIF/GPS, ICC profile, XMP, thumbnail or
-text chunk survives, whatever PIL would add; every file appears under its final name complete
-or not at all, so a killed export never leaves a half-written file that looks finished.
+text chunk survives, whatever PIL would add. (Every file is written atomically by
+`jaxdesens.paths.write_atomic`, so a killed export never leaves a half-written file.)
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
 import struct
-import tempfile
 import zlib
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,21 +59,3 @@ def encode_png(pixels: np.ndarray) -> bytes:
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
     chunks = png_chunks(buffer.getvalue())
     return PNG_SIGNATURE + b"".join(_chunk(k, p) for k, p in chunks if k in ALLOWED_PNG_CHUNKS)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Writes `.<name>.<random>.tmp` beside `path`, then renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, values: Any, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode(), mode)
