@@ -117,7 +117,8 @@ def metadata_input(tmp_path_factory):
 
 def export_job(root: Path, out: Path, key: Path, mask: Path | None, **overrides) -> ExportJob:
     values = dict(data=str(root), out=str(out), key=str(key), mask=str(mask) if mask else None, batch=8,
-                  attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / f"{out.name}.owner.json"))
+                  attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / f"{out.name}.owner.json"),
+                  check_alignment=False)
     values.update(overrides)
     return ExportJob(**values)
 
@@ -524,7 +525,7 @@ def test_owner_logs_of_exports_named_alike_do_not_collide(small_input):
     root, work = small_input
     for parent in ("first", "second"):
         job = ExportJob(data=str(root), out=str(work / parent / "export"), key=str(work / "keys" / "owner.key"),
-                        mask=str(work / "mask.npy"), attacks="none")
+                        mask=str(work / "mask.npy"), attacks="none", check_alignment=False)
         run_export(job, progress=False, log=quiet)
     logs = sorted((work / "keys").glob("*.owner-log.json"))
     assert len(logs) == 2
@@ -533,7 +534,8 @@ def test_owner_logs_of_exports_named_alike_do_not_collide(small_input):
     taken = json.loads(logs[0].read_text())["export"]
     with pytest.raises(DataError, match="owner log.*belongs to another export"):
         run_export(ExportJob(data=str(root), out=str(work / "third"), key=str(work / "keys" / "owner.key"),
-                             mask=str(work / "mask.npy"), attacks="none", owner_log=str(logs[0])),
+                             mask=str(work / "mask.npy"), attacks="none", owner_log=str(logs[0]),
+                             check_alignment=False),
                    progress=False, log=quiet)
     assert json.loads(logs[0].read_text())["export"] == taken
     with pytest.raises(DataError, match="--owner_log.*inside --data"):

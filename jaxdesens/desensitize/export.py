@@ -72,6 +72,7 @@ class ExportJob:
     owner_log: str | None = None
     batch: int = 64
     workers: int = 0
+    check_alignment: bool = True
 
     def __post_init__(self):
         missing = [f"--{name}" for name in ("data", "out", "key") if not getattr(self, name)]
@@ -223,6 +224,20 @@ def desensitize_batch(images: np.ndarray, method: str, mask: np.ndarray | None, 
 
 
 
+def check_alignment(job: ExportJob, plan: list[PlannedFile], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """One mask fits a set only if its faces are aligned: a sample's landmark spread is measured
+    and a warning logged when they are not (the export goes on; the owner log keeps the numbers)."""
+    if job.method != "mask" or not job.check_alignment:
+        return None
+    from jaxdesens.align.check import alignment_warning, landmark_spread
+
+    report = landmark_spread([p.source for p in plan])
+    warning = alignment_warning(report, job.data)
+    if warning:
+        log(f"warning: {warning}")
+    return report
+
+
 def export_attacks(plan: list[PlannedFile], job: ExportJob, mask: np.ndarray, image_size: int,
                    progress: bool) -> dict[str, Any]:
     """Classical inpainting on an evenly spaced subset (in id order, so spread over identities)."""
@@ -250,6 +265,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     key = load_or_create_key(job.key, log)
     planning = plan_export(job.data, key)
     layout, plan = planning.layout, planning.files
+    alignment = check_alignment(job, plan, log)
     if planning.symlinks:
         log(f"{len(planning.symlinks)} symlink(s) in --data point outside it and were followed; listed in the owner "
             f"log {owner_log}")
@@ -363,6 +379,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     seconds = time.perf_counter() - start_time
     owner = {"export": str(out.resolve()), "input": str(Path(job.data).resolve()), "skipped_unreadable": bad,
              "ignored_non_images": planning.ignored, "symlinks_out_of_data": planning.symlinks,
+             "alignment_check": alignment,
              "exported": len(files), "resumed_from": resumed,
              "files_per_s": round(rate, 1), "seconds": round(seconds, 2)}
     write_json(owner_log, owner, mode=0o600)  # names original files: as private as the key
