@@ -322,3 +322,18 @@ def test_pipeline_align_needs_data():
 
     with pytest.raises(ValueError, match="--align needs --data"):
         PipelineJob(align=True)
+
+
+def test_pipeline_align_stage_hands_aligned_faces_on(att_dir, tmp_path):
+    from jaxdesens.jobs.pipeline import PipelineJob, align_stage
+
+    canvases, _, _, labels = perturbed_att(att_dir, [25, 26])
+    photos = write_photo_folder(tmp_path / "photos", canvases[::5], labels[::5])
+    job = PipelineJob(data=str(photos), workdir=str(tmp_path / "run"), align=True)
+    aligned = align_stage(job, tmp_path / "run" / "aligned", log=lambda _: None, progress=False)
+    assert aligned.data == str(tmp_path / "run" / "aligned") and aligned.align
+    written = sorted(p.relative_to(tmp_path / "run" / "aligned").as_posix()
+                     for p in (tmp_path / "run" / "aligned").rglob("*.png"))
+    assert written == ["person25/photo000.png", "person25/photo001.png", "person26/photo002.png",
+                       "person26/photo003.png"]
+    assert Image.open(tmp_path / "run" / "aligned" / written[0]).size == (112, 112)
