@@ -1,7 +1,8 @@
 """Decoding one image file into the library's fixed-size array convention.
 
-Every reader in the project goes through `load_image`, so all of them resize, crop and convert
-colour the same way and all of them report a corrupt file with its path.
+Every reader in the project goes through `load_image` (or `open_image`, for full resolution), so
+all of them turn photos upright, handle deep greyscale and transparency, resize, crop and convert
+colour the same way, and all of them refuse a corrupt, oversized or tiny file naming its path.
 """
 
 from __future__ import annotations
