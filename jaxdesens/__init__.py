@@ -2,6 +2,7 @@
 
 Modules (imported on use, so `import jaxdesens` stays light):
   jaxdesens.data            identity folders, synthetic faces, splits, grain pipeline, array_record, LFW
+  jaxdesens.align           face alignment onto one template (dlib landmarks, similarity transform)
   jaxdesens.models          ResNet-18/34 with the Feature Selection Masknet; BN-folded functional net
   jaxdesens.masks           free-form masks on device, hole-ratio levels, mask files
   jaxdesens.saliency        contrastive Excitation Backprop (custom_vjp) and the critical template

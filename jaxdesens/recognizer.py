@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def load_recognizer(workdir: str | Path) -> Recognizer:
     if not record_path.exists():
         raise DataError(f"{path}: not a training workdir (no run.json); pass the --workdir of launch/train.py "
                         "or launch/federated.py")
-    record = json.loads(record_path.read_text())
+    record = RunDirectory(path).read_record()
     if "federated" in record:
         from jaxdesens.federated import load_global
 
@@ -87,5 +86,5 @@ def load_recognizer(workdir: str | Path) -> Recognizer:
         raise DataError(f"{path}: has no checkpoint yet; train it first")
     template = create_train_state(config, model, jax.random.key(0),
                                   (config.image_size, config.image_size, config.channels))
-    state = run.restore_or(template)
+    state = run.restore_final(template, config.steps)
     return Recognizer(model, {"params": state.params, "batch_stats": state.batch_stats}, config)

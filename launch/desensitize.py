@@ -35,6 +35,8 @@ HELP = {
     "attacks": "comma-separated inpainting attacks (biharmonic,navier-stokes,telea) or none",
     "owner_log": "owner-side log of skipped inputs (default: next to the key file)",
     "batch": "images per batch", "workers": "decode/encode threads (0 = automatic)",
+    "check_alignment": "find the faces of 24 sampled images and warn when they do not look aligned (needs the "
+                       "faces extra)",
 }
 
 

@@ -19,16 +19,10 @@ from PIL import Image, ImageCms, PngImagePlugin
 
 from jaxdesens.data import DataError, load_dataset
 from jaxdesens.data.images import load_image
-from jaxdesens.desensitize.export import (
-    ALLOWED_PNG_CHUNKS,
-    JOURNAL,
-    ExportJob,
-    file_id,
-    load_or_create_key,
-    png_chunks,
-    pseudonym,
-    run_export,
-)
+from jaxdesens.desensitize.export import ExportJob, run_export
+from jaxdesens.desensitize.files import ALLOWED_PNG_CHUNKS, png_chunks
+from jaxdesens.desensitize.pseudonyms import file_id, load_or_create_key, pseudonym
+from jaxdesens.desensitize.resume import JOURNAL
 from jaxdesens.masks.io import load_mask, save_mask
 
 SIZE = 32
@@ -123,7 +117,8 @@ def metadata_input(tmp_path_factory):
 
 def export_job(root: Path, out: Path, key: Path, mask: Path | None, **overrides) -> ExportJob:
     values = dict(data=str(root), out=str(out), key=str(key), mask=str(mask) if mask else None, batch=8,
-                  attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / "owner.json"))
+                  attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / f"{out.name}.owner.json"),
+                  check_alignment=False)
     values.update(overrides)
     return ExportJob(**values)
 
@@ -217,9 +212,10 @@ def test_manifest_and_privacy_report(exported):
 def test_same_key_same_pseudonyms_other_key_different(metadata_input, exported, tmp_path):
     root, _ = metadata_input
     job, _, _ = exported
-    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none"), progress=False, log=quiet)
+    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none", owner_log=None),
+                      progress=False, log=quiet)
     other_key = tmp_path / "other.key"
-    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none")
+    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none", owner_log=None)
     run_export(other, progress=False, log=quiet)
     first = json.loads((Path(job.out) / "manifest.json").read_text())
     again = json.loads((Path(same["out"]) / "manifest.json").read_text())
@@ -250,7 +246,7 @@ def test_interrupted_export_resumes_to_the_same_manifest(small_input):
         if n == 5:  # mid-batch: files 6..8 are written but not journalled
             raise Killed
 
-    job = dataclasses.replace(reference, out=str(work / "resumed"))
+    job = dataclasses.replace(reference, out=str(work / "resumed"), owner_log=None)
     with pytest.raises(Killed):
         run_export(job, progress=False, log=quiet, on_file=kill_after)
     out = Path(job.out)
@@ -316,7 +312,7 @@ def test_bad_inputs_give_clear_errors(small_input):
     with pytest.raises(DataError, match="Broken_secret_file.jpg.*--strict"):
         run_export(export_job(root, work / "o4", key, mask, strict=True), progress=False, log=quiet)
     summary = run_export(export_job(root, work / "o5", key, mask, attacks="none"), progress=False, log=quiet)
-    owner = json.loads((work / "owner.json").read_text())
+    owner = json.loads((work / "o5.owner.json").read_text())
     assert [Path(s["path"]).name for s in owner["skipped_unreadable"]] == ["Broken_secret_file.jpg"]
     assert summary["skipped"] == 1 and summary["files"] == len(NAMES) * 6
     manifest = json.loads((work / "o5" / "manifest.json").read_text())
@@ -417,3 +413,174 @@ def test_att_export_all_400_faces(att_dir, tmp_path):
     assert set(report["attacks"]["methods"]) == {"biharmonic", "navier-stokes", "telea"}
     dataset = load_dataset(tmp_path / "att", 48, 1)
     assert dataset.num_classes == 40 and len(dataset) == 400 and dataset.mask.shape == (48, 48)
+
+
+# ------------------------------------------------------------------ bad inputs (adversarial audit)
+def interrupted_export(root: Path, work: Path, out: Path) -> ExportJob:
+    """An export killed after 4 journalled files (as by SIGKILL: no manifest, journal kept)."""
+    class Killed(Exception):
+        pass
+
+    def kill_after(n):
+        if n == 4:
+            raise Killed
+
+    job = export_job(root, out, work / "k", work / "mask.npy", attacks="none")
+    with pytest.raises(Killed):
+        run_export(job, progress=False, log=quiet, on_file=kill_after)
+    return dataclasses.replace(job, resume=True)
+
+
+def test_foreign_file_in_a_killed_export_is_refused_every_time(small_input):
+    root, work = small_input
+    job = interrupted_export(root, work, work / "killed")
+    out = Path(job.out)
+    folder = next(p for p in out.iterdir() if p.is_dir())
+    (folder / "planted.txt").write_text("not from this export")
+    for _ in range(2):  # the second --resume must not call it complete either
+        with pytest.raises(DataError, match="planted.txt"):
+            run_export(job, progress=False, log=quiet)
+        assert not (out / "manifest.json").exists()
+    (folder / "planted.txt").unlink()
+    assert run_export(job, progress=False, log=quiet)["complete"]
+
+
+def test_foreign_file_in_a_finished_export_is_refused_by_resume_and_reader(small_input):
+    root, work = small_input
+    job = export_job(root, work / "done", work / "k", work / "mask.npy", attacks="none")
+    run_export(job, progress=False, log=quiet)
+    (work / "done" / "leaked_original_name.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="not in its manifest.*leaked_original_name.jpg"):
+        run_export(dataclasses.replace(job, resume=True), progress=False, log=quiet)
+    with pytest.raises(DataError, match="not listed in the manifest.*leaked_original_name.jpg"):
+        load_dataset(work / "done", SIZE, 3)
+
+
+def test_images_added_after_a_finished_export_are_not_called_nothing_to_do(small_input):
+    root, work = small_input
+    job = export_job(root, work / "done", work / "k", work / "mask.npy", attacks="none")
+    run_export(job, progress=False, log=quiet)
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(root / NAMES[0] / "added_later.png")
+    with pytest.raises(DataError, match="1 image.*not in this finished export"):
+        run_export(dataclasses.replace(job, resume=True), progress=False, log=quiet)
+
+
+def test_unreadable_inputs_skipped_with_their_reason(small_input):
+    """A decompression bomb and a 1x1 image are skipped (listed in the owner log, not a traceback)."""
+    from test_inputs import png_header_only
+
+    root, work = small_input
+    png_header_only(root / NAMES[0] / "bomb.png", 20_000, 20_000)
+    Image.fromarray(np.full((1, 1, 3), 9, np.uint8)).save(root / NAMES[1] / "dot.png")
+    summary = run_export(export_job(root, work / "o", work / "k", work / "mask.npy", attacks="none"),
+                         progress=False, log=quiet)
+    owner = json.loads((work / "o.owner.json").read_text())
+    reasons = {Path(s["path"]).name: s["error"] for s in owner["skipped_unreadable"]}
+    assert summary["skipped"] == 2 and set(reasons) == {"bomb.png", "dot.png"}
+    assert "decompression-bomb" in reasons["bomb.png"] and "16 px" in reasons["dot.png"]
+
+
+def test_unwritable_out_and_key_give_one_line_errors(small_input):
+    root, work = small_input
+    (work / "a_file").write_text("x")
+    result = subprocess.run([PYTHON, str(ROOT / "launch" / "desensitize.py"), f"--data={root}",
+                             f"--out={work / 'a_file' / 'export'}", f"--key={work / 'k'}",
+                             f"--mask={work / 'mask.npy'}", "--progress=false"],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "--out" in result.stderr and "a_file" in result.stderr
+    with pytest.raises(DataError, match="--key=.*a_file.*cannot create"):
+        run_export(export_job(root, work / "o", work / "a_file" / "owner.key", work / "mask.npy"),
+                   progress=False, log=quiet)
+
+
+def test_mask_hiding_everything_and_grey_png_masks_are_refused(small_input):
+    root, work = small_input
+    save_mask(work / "black.png", np.zeros((SIZE, SIZE), np.float32))
+    with pytest.raises(DataError, match="black.png.*hides every pixel"):
+        run_export(export_job(root, work / "o", work / "k", work / "black.png"), progress=False, log=quiet)
+    grey = (make_mask(work / "m.png") * 255).astype(np.uint8)
+    grey[0, :8] = 128  # anti-aliased edge: neither hidden nor visible
+    Image.fromarray(grey).save(work / "grey.png")
+    with pytest.raises(DataError, match="grey.png.*8 pixel.*neither 0 nor 255"):
+        run_export(export_job(root, work / "o", work / "k", work / "grey.png"), progress=False, log=quiet)
+
+
+def test_symlinks_out_of_data_are_followed_and_logged(small_input, tmp_path_factory):
+    root, work = small_input
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    write_faces(elsewhere, names=("Linked_Person",), per_identity=2)
+    (root / "Linked_Person").symlink_to(elsewhere / "Linked_Person", target_is_directory=True)
+    (root / NAMES[0] / "linked_file.png").symlink_to(elsewhere / "Linked_Person" / "Linked_Person_photo_0000.png")
+    lines = []
+    summary = run_export(export_job(root, work / "o", work / "k", work / "mask.npy", attacks="none"),
+                         progress=False, log=lines.append)
+    owner = json.loads((work / "o.owner.json").read_text())
+    assert {Path(s["path"]).name for s in owner["symlinks_out_of_data"]} == {"Linked_Person", "linked_file.png"}
+    assert all(s["target"].startswith(str(elsewhere)) for s in owner["symlinks_out_of_data"])
+    assert summary["files"] == len(NAMES) * 6 + 3 and any("2 symlink" in line for line in lines)
+
+
+def test_owner_logs_of_exports_named_alike_do_not_collide(small_input):
+    root, work = small_input
+    for parent in ("first", "second"):
+        job = ExportJob(data=str(root), out=str(work / parent / "export"), key=str(work / "keys" / "owner.key"),
+                        mask=str(work / "mask.npy"), attacks="none", check_alignment=False)
+        run_export(job, progress=False, log=quiet)
+    logs = sorted((work / "keys").glob("*.owner-log.json"))
+    assert len(logs) == 2
+    assert {json.loads(p.read_text())["export"] for p in logs} == {str(work / p / "export") for p in ("first",
+                                                                                                    "second")}
+    taken = json.loads(logs[0].read_text())["export"]
+    with pytest.raises(DataError, match="owner log.*belongs to another export"):
+        run_export(ExportJob(data=str(root), out=str(work / "third"), key=str(work / "keys" / "owner.key"),
+                             mask=str(work / "mask.npy"), attacks="none", owner_log=str(logs[0]),
+                             check_alignment=False),
+                   progress=False, log=quiet)
+    assert json.loads(logs[0].read_text())["export"] == taken
+    with pytest.raises(DataError, match="--owner_log.*inside --data"):
+        run_export(export_job(root, work / "o", work / "k", work / "mask.npy", owner_log=str(root / "log.json")),
+                   progress=False, log=quiet)
+
+
+def test_unicode_spellings_of_a_name_get_one_pseudonym(tmp_path):
+    import unicodedata
+
+    key = load_or_create_key(tmp_path / "k", quiet)
+    nfc, nfd = unicodedata.normalize("NFC", "José_Müller"), unicodedata.normalize("NFD", "José_Müller")
+    assert nfc != nfd and pseudonym(key, nfc) == pseudonym(key, nfd)
+    assert file_id(key, f"{nfc}/1.png") == file_id(key, f"{nfd}/1.png")
+    root = tmp_path / "faces"
+    write_faces(root, names=(nfc, nfd), per_identity=1)
+    make_mask(tmp_path / "mask.npy")
+    with pytest.raises(DataError, match="same name in two Unicode spellings"):
+        run_export(export_job(root, tmp_path / "o", tmp_path / "k", tmp_path / "mask.npy"), progress=False, log=quiet)
+
+
+@pytest.mark.parametrize("text", ["a" * 64, "password1234567890", "0123456789abcdef" * 4, "abab" * 32])
+def test_low_entropy_keys_are_refused(tmp_path, text):
+    (tmp_path / "k").write_text(text + "\n")
+    with pytest.raises(DataError, match="k: .*low-entropy"):
+        load_or_create_key(tmp_path / "k", quiet)
+
+
+def test_generated_and_hand_made_random_keys_are_accepted(tmp_path):
+    import secrets
+
+    load_or_create_key(tmp_path / "new" / "k", quiet)
+    (tmp_path / "hex").write_text(secrets.token_hex(32))
+    (tmp_path / "b64").write_text(secrets.token_urlsafe(24))
+    for name in ("new/k", "hex", "b64"):
+        assert len(load_or_create_key(tmp_path / name, quiet)) >= 32
+
+
+def test_new_key_folders_are_private(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        load_or_create_key(tmp_path / "keys" / "deeper" / "owner.key", quiet)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "keys", tmp_path / "keys" / "deeper"):
+        assert folder.stat().st_mode & 0o077 == 0, oct(folder.stat().st_mode)

@@ -6,7 +6,8 @@ and `<pseudonym>/<id>.png` masked images. The receiver trains an FSM model on it
 is the export's mask, so no `--mask` is needed.
 
 The manifest is treated as untrusted input: file entries must be plain `<hex>/<hex>.png` paths
-inside the export (no `..`, no absolute paths), and each file's sha256 is checked by default.
+inside the export (no `..`, no absolute paths), each file's sha256 is checked by default, and a
+file the manifest does not list (say, an original photo dropped in) makes the export refused.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ def read_export(path: str | os.PathLike, image_size: int, channels: int = 3, pro
         folders.append(folder)
     if not files:
         raise DataError(f"{root}: the manifest lists no files")
+    listed = {MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD} | {f.relative_to(root).as_posix() for f in files}
+    extra = sorted(rel for rel in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+                   if rel not in listed)
+    if extra:
+        raise DataError(f"{root}: holds {len(extra)} file(s) not listed in the manifest (e.g. {extra[0]}); the export "
+                        "was altered after it was made: ask the data owner for an intact copy")
     names = tuple(sorted(set(folders)))
     lookup = {name: i for i, name in enumerate(names)}
     labels = np.asarray([lookup[f] for f in folders], np.int32)

@@ -19,7 +19,6 @@ pixelated) image with no mask, which is exactly its plain backbone (FS = 1).
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import shlex
 import time
@@ -798,7 +797,9 @@ def read_run_record(workdir: str | Path) -> dict[str, Any]:
     path = Path(workdir) / "run.json"
     if not path.is_file():
         raise DataError(f"{workdir}: not a training workdir (no run.json); pass the --workdir of launch/train.py")
-    return json.loads(path.read_text())
+    from jaxdesens.workdir import RunDirectory
+
+    return RunDirectory(workdir).read_record()
 
 
 def check_compatible(workdirs: Sequence[str], records: Sequence[dict[str, Any]], lfw: bool) -> None:

@@ -3,6 +3,7 @@
 The stages, each in its own folder of the workdir and skipped when already finished (a rerun
 resumes; a killed training resumes from its last checkpoint):
 
+  aligned/   with --align: the photos of --data aligned onto the face template (launch/align.py)
   owner/     the owner's split: `train/` identities (desensitized and handed off) and `test/`
              identities (kept back, never trained on by any model), plus the owner's key
   clean/     resnet trained on owner/train            (the clean model Algorithm 1 needs)
@@ -89,10 +90,13 @@ class PipelineJob:
     workdir: str = "runs/pipeline"
     preset: str = "cpu"
     seed: int = 0
+    align: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.align and self.data is None:
+            raise ValueError("--align needs --data=PHOTOS (the built-in synthetic faces are aligned already)")
 
     @property
     def settings(self) -> Preset:
@@ -148,6 +152,16 @@ def owner_split(job: PipelineJob, root: Path, log: Callable[[str], None]) -> dic
     tmp.rename(root)
     log(f"owner split of {source}: {len(kept)} identities to desensitize and hand off, {len(held)} kept for testing")
     return record
+
+
+def align_stage(job: PipelineJob, out: Path, log: Callable[[str], None], progress: bool) -> PipelineJob:
+    """Aligns --data into `out` (a rerun resumes; a finished one only re-lists) and returns the
+    job with `out` as its data, so every later stage reads aligned faces."""
+    from jaxdesens.align.folder import AlignJob, run_align
+
+    run_align(AlignJob(data=job.data, out=str(out), size=max(112, job.settings.image_size)), progress=progress,
+              log=lambda m: log(f"align: {m}"))
+    return dataclasses.replace(job, data=str(out))
 
 
 def train_stage(workdir: Path, config: TrainConfig, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
@@ -252,7 +266,8 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         return result
 
     owner = root / "owner"
-    split = stage("owner split", lambda: owner_split(job, owner, log))
+    data_job = stage("align", lambda: align_stage(job, root / "aligned", log, progress)) if job.align else job
+    split = stage("owner split", lambda: owner_split(data_job, owner, log))
     clean = stage("clean model", lambda: train_stage(root / "clean", model_config(job, "resnet", owner / "train"),
                                                    log, progress))
     search = stage("search", lambda: search_stage(root / "search", root / "clean", job, log, progress))
