@@ -15,19 +15,10 @@ import pytest
 from helpers import PYTHON, ROOT, subprocess_env, write_identity_folder
 from PIL import Image
 
-from jaxdesens.jobs.evaluate import (
-    Embedder,
-    EvaluateJob,
-    Model,
-    attack_subset,
-    identity_eval_set,
-    level_masks,
-    lfw_eval_set,
-    render_report,
-    role_labels,
-    run_evaluate_job,
-    situations,
-)
+from jaxdesens.jobs.evaluate import EvaluateJob, run_evaluate_job
+from jaxdesens.jobs.evaluate.report import render_report
+from jaxdesens.jobs.evaluate.sets import attack_subset, identity_eval_set, lfw_eval_set
+from jaxdesens.jobs.evaluate.tables import Embedder, Model, level_masks, role_labels, situations
 from jaxdesens.masks import LEVELS
 from jaxdesens.metrics.verification import generate_pairs
 from jaxdesens.recognizer import Recognizer, load_recognizer
@@ -40,7 +31,8 @@ def _make_workdir(path: Path, model: str, seed: int, image_size: int = SIZE) -> 
     """A random-init (untrained) checkpoint on a tiny synthetic set: a workdir in seconds."""
     from jaxdesens.config import TrainConfig
     from jaxdesens.data import split_identities
-    from jaxdesens.train import build_model, create_train_state, load_data
+    from jaxdesens.state import build_model, create_train_state
+    from jaxdesens.train import load_data
     from jaxdesens.workdir import RunDirectory
 
     config = TrainConfig(model=model, width=0.125, image_size=image_size, synthetic_identities=12,

@@ -19,8 +19,9 @@ from helpers import PYTHON, ROOT, subprocess_env
 from jaxdesens import federated as F
 from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet
-from jaxdesens.recognizer import load_recognizer
-from jaxdesens.train import MaskSource, build_model, create_train_state, lr_schedule, make_optimizer, train_step
+from jaxdesens.recognizer import load_global, load_recognizer
+from jaxdesens.state import build_model, create_train_state, initial_local_state, lr_schedule, make_optimizer
+from jaxdesens.train import MaskSource, train_step
 from jaxdesens.workdir import ResumeError, RunDirectory
 
 
@@ -90,7 +91,7 @@ def tiny_round(bn: str, optimizer: str = "reset"):
     model = TinyNet()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))
     kwargs = F.update_kwargs(config, fed, model)
-    local = F.initial_local_state(variables, kwargs["tx"])
+    local = initial_local_state(variables, kwargs["tx"])
     stacked_local = jax.tree.map(lambda x: jnp.stack([x, x]), local)
     rng = np.random.default_rng(0)
     # client 1's images are much brighter: its BatchNorm statistics differ from client 0's
@@ -169,7 +170,7 @@ def test_one_client_one_local_step_is_the_training_step():
     mesh = F.client_mesh(1, 8, jax.devices()[:1])
     round_fn = F.compile_federated_round(config, fed, model, mesh)
     global_vars = {"params": state.params, "batch_stats": state.batch_stats}
-    local = jax.tree.map(lambda x: x[None], F.initial_local_state(global_vars, make_optimizer(train_config)))
+    local = jax.tree.map(lambda x: x[None], initial_local_state(global_vars, make_optimizer(train_config)))
     new_global, _, metrics = round_fn(global_vars, local, jax.tree.map(lambda x: x[None, None], batch),
                                       np.array([8.0], np.float32), masks, key[None], np.int32(0))
     assert tree_max_diff(new_global["params"], expected.params) < 1e-6
@@ -255,7 +256,7 @@ def test_simulation_on_att_reports_every_round_and_resumes(simulated):
     assert record["federated"]["clients"] == 2 and record["config"]["steps"] == 4
     assert json.loads((simulated / "eval.json").read_text())["round"] == 2
     # every command that takes --checkpoint reads the last round's global model
-    last, round_index = F.load_global(simulated)
+    last, round_index = load_global(simulated)
     assert round_index == 2 and tree_max_diff(load_recognizer(simulated).variables, last.variables) == 0
 
 
@@ -277,6 +278,6 @@ def test_flower_over_loopback_matches_the_simulation(simulated, att_dir, att_mas
     # up to float summation order (vmapped vs plain convolutions, BatchNorm reductions split over
     # 2 devices vs 1, a different XLA program). Measured here: 7e-7 (round 1), 3.5e-6 (round 2).
     for r in (1, 2):  # both round 2s ran after a resume: the restored server and client states are checked too
-        flower, _ = F.load_global(workdir, r)
-        simulation, _ = F.load_global(simulated, r)
+        flower, _ = load_global(workdir, r)
+        simulation, _ = load_global(simulated, r)
         assert tree_max_diff(flower.variables, simulation.variables) < 3e-5, f"round {r}"

@@ -65,6 +65,7 @@ from jaxdesens.data.export_reader import (
 from jaxdesens.data.images import is_image_file, load_image
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.masks import io as mask_io
+from jaxdesens.masks.ops import mask_ratio
 from jaxdesens.paths import is_inside
 
 STATE = ".jaxdesens-export-state.json"
@@ -308,10 +309,10 @@ def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray
                         "centre crop), so the mask must be square")
     image_size = job.image_size or height
     if image_size != height:
-        before = 1.0 - mask.mean()
+        before = mask_ratio(mask)
         mask = mask_io.load_mask(job.mask, image_size)
         log(f"mask {height}x{width} resized to {image_size}x{image_size} (nearest neighbour): ratio {before:.3f} -> "
-            f"{1.0 - mask.mean():.3f}")
+            f"{mask_ratio(mask):.3f}")
     if mask.min() == 1.0:
         raise DataError(f"{job.mask}: the mask hides no pixel; the export would be the original images")
     return mask, image_size, None
@@ -324,7 +325,7 @@ def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: in
     return {"format": FORMAT, "version": __version__, "method": job.method, "layout": layout,
             "image_size": image_size, "channels": job.channels, "size": size,
             "mask_sha256": hashlib.sha256(mask_png).hexdigest() if mask_png is not None else None,
-            "mask_ratio": None if mask is None else round(float(1.0 - mask.mean()), 6)}
+            "mask_ratio": None if mask is None else round(float(mask_ratio(mask)), 6)}
 
 
 def _manifest_settings(manifest: dict[str, Any]) -> dict[str, Any]:

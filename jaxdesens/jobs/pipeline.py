@@ -36,6 +36,7 @@ from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet, load_dataset, make_synthetic, scan_identity_folder
 from jaxdesens.data.splits import held_out_indices
 from jaxdesens.data.synthetic import SyntheticConfig
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.paths import is_inside
 from jaxdesens.workdir import write_json_atomic
 
@@ -212,7 +213,7 @@ def masked_dssim(test: IdentitySet, mask: np.ndarray) -> float:
     from jaxdesens.metrics.quality import dssim
 
     originals = jnp.asarray(test.images, jnp.float32) / 255.0
-    return float(jnp.mean(dssim(originals * jnp.asarray(mask)[None, :, :, None], originals)))
+    return float(jnp.mean(dssim(apply_mask(originals, jnp.asarray(mask)), originals)))
 
 
 def mask_privacy(test: IdentitySet, mask: np.ndarray, attack_images: int) -> dict[str, float]:
@@ -220,9 +221,9 @@ def mask_privacy(test: IdentitySet, mask: np.ndarray, attack_images: int) -> dic
     from jaxdesens.metrics.attacks import restoration_report
 
     originals = test.images.astype(np.float32) / 255.0
-    attack = restoration_report(originals, originals * mask[None, :, :, None], mask, ("telea",),
+    attack = restoration_report(originals, apply_mask(originals, mask), mask, ("telea",),
                                 max_images=attack_images)
-    return {"ratio": float(1 - mask.mean()), "dssim": masked_dssim(test, mask),
+    return {"ratio": float(mask_ratio(mask)), "dssim": masked_dssim(test, mask),
             "telea_psnr": float(attack["methods"]["telea"]["psnr_mean"])}
 
 
