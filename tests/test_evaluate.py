@@ -66,7 +66,21 @@ def tiny_run(tiny):
     out = tiny["root"] / "out"
     job = EvaluateJob(checkpoints=tuple(str(w) for w in tiny["workdirs"]), mask=str(tiny["mask_path"]), out=str(out),
                       repeats=2, baseline_n=8, baseline_images=16, attack_images=0)
-    return run_evaluate_job(job, progress=False, log=lambda _: None, command="python launch/evaluate.py --tiny"), out
+    tiny["log"] = []
+    return (run_evaluate_job(job, progress=False, log=tiny["log"].append, command="python launch/evaluate.py --tiny"),
+            out)
+
+
+def hidden_share(mask: np.ndarray) -> float:
+    """The reference ratio: hidden pixels counted."""
+    return np.count_nonzero(np.asarray(mask) == 0) / np.asarray(mask).size
+
+
+def embed_by_hand(recognizer: Recognizer, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The network on `x * m` written out (masks (N, H, W)), the FSM branch fed the same masks."""
+    x = images.astype(np.float32) / 255.0 * masks[..., None]
+    fsm_mask = masks[..., None] if recognizer.model.fsm_after else None
+    return np.asarray(jax.jit(recognizer.model.apply)(recognizer.variables, x, fsm_mask)[1]["embedding"])
 
 
 def _finite(value) -> bool:
@@ -89,10 +103,13 @@ def test_every_table_is_assembled_with_all_models(tiny, tiny_run):
     assert rows[0]["models"]["resnet"]["mean"] == results["verification"]["resnet"]["clean"]["accuracy"]
     assert [r["level"] for r in results["table2"]["rows"]] == ["0.4-0.5", "0.5-0.6"]
     for row in results["table2"]["rows"]:
-        assert 0.4 < row["ratio"] <= 0.6 and row["candidates"] == 8
+        low, high = (float(v) for v in row["level"].split("-"))
+        assert low < row["ratio"] <= high and row["candidates"] == 8
         assert all(_finite(v["masked"]["accuracy"]) and _finite(v["inpainted"]["accuracy"])
                    for v in row["models"].values())
-    assert results["table3"]["ratio"] == pytest.approx(1 - tiny["mask"].mean())
+    assert results["table3"]["ratio"] == pytest.approx(hidden_share(tiny["mask"]))
+    assert results["mask"]["ratio"] == results["table3"]["ratio"]
+    assert any(f"mask hides {hidden_share(tiny['mask']):.1%}" in m for m in tiny["log"])
     methods = [(r["method"], r["size"]) for r in results["table4"]["rows"]]
     assert methods == [("mask", None), ("blur", 3), ("blur", 5), ("mosaic", 2), ("mosaic", 5)]
     for row in results["table4"]["rows"]:
@@ -115,6 +132,45 @@ def test_every_table_is_assembled_with_all_models(tiny, tiny_run):
     assert results["device"]["platform"] and results["versions"]["jax"] == jax.__version__
 
 
+def test_reported_numbers_are_the_masked_images_recomputed_by_hand(tiny, tiny_run):
+    """Verification, Table 1 and Table 4 from embeddings and image metrics written out here."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from jaxdesens.jobs.search import search_data
+    from jaxdesens.metrics.verification import verification_report
+
+    results, _ = tiny_run
+    recognizers = [load_recognizer(w) for w in tiny["workdirs"]]
+    _, held_out = search_data(recognizers[0], None)
+    evalset = identity_eval_set(held_out)
+    images, pairs, mask = evalset.images, evalset.pairs, tiny["mask"]
+    n = len(images)
+
+    def accuracy(embedding: np.ndarray) -> dict:
+        return verification_report(embedding[pairs.left], embedding[pairs.right], pairs.issame, pairs.fold)
+
+    for label, recognizer in zip(("resnet", "resnet-mask", "resnet-fsm"), recognizers):
+        masked = accuracy(embed_by_hand(recognizer, images, np.broadcast_to(mask, (n, SIZE, SIZE))))
+        reported = results["verification"][label]["masked"]
+        assert (reported["accuracy"], reported["auc"]) == pytest.approx((masked["accuracy"], masked["auc"]), abs=1e-9)
+        clean = results["verification"][label]["clean"]
+        assert clean["auc"] != pytest.approx(masked["auc"], abs=1e-6)  # the mask matters: the check can fail
+    # Table 1, level 0.5-0.6, first repeat: a different mask per image, regenerated from the seed
+    bank = level_masks(jax.random.fold_in(jax.random.key(0), 0), n, SIZE, SIZE)
+    fsm_level = accuracy(embed_by_hand(recognizers[2], images, bank[5].astype(np.float32)))
+    assert results["table1"]["rows"][6]["models"]["resnet-fsm"]["runs"][0] == pytest.approx(fsm_level["accuracy"])
+    # Table 4, mask row: dSSIM = 1 - SSIM and PSNR of the masked test faces, by scikit-image
+    x = images.astype(np.float64) / 255.0
+    y = x * mask[None, :, :, None]
+    ssim = [structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                  data_range=1.0, channel_axis=-1) for a, b in zip(x, y)]
+    psnr = [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(x, y)]
+    row = results["table4"]["rows"][0]
+    assert row["dssim_mean"] == pytest.approx(1 - np.mean(ssim), abs=1e-5)
+    assert row["psnr_mean"] == pytest.approx(np.mean(psnr), abs=1e-3)
+    assert row["label"] == f"mask (ratio {hidden_share(mask):.1%})"
+
+
 def test_level_masks_fall_in_their_buckets_and_differ_per_image(tiny_run):
     results, _ = tiny_run
     for row in results["table1"]["rows"][1:]:
@@ -122,7 +178,7 @@ def test_level_masks_fall_in_their_buckets_and_differ_per_image(tiny_run):
         assert low < row["ratio_min"] <= row["ratio_max"] <= high, row
     bank = level_masks(jax.random.key(3), 6, SIZE, SIZE)
     assert bank.shape == (len(LEVELS), 6, SIZE, SIZE)
-    ratios = 1 - bank.reshape(len(LEVELS), 6, -1).mean(-1)
+    ratios = np.array([[hidden_share(m) for m in level] for level in bank])
     for (low, high), r in zip(LEVELS, ratios):
         assert ((r > low) & (r <= high)).all()
     assert len({m.tobytes() for m in bank[5]}) == 6  # a different mask per image
