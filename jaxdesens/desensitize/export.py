@@ -65,7 +65,7 @@ from jaxdesens.data.export_reader import (
 from jaxdesens.data.images import is_image_file, load_image
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.masks import io as mask_io
-from jaxdesens.masks.ops import mask_ratio
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.paths import is_inside
 
 STATE = ".jaxdesens-export-state.json"
@@ -424,7 +424,7 @@ def desensitize_batch(images: np.ndarray, method: str, mask: np.ndarray | None, 
     hidden pixels are 0, visible ones untouched); blur/mosaic run the JAX operators on a batch
     padded to `batch` images (one compiled shape) and round back to uint8."""
     if method == "mask":
-        return images * mask.astype(np.uint8)[None, :, :, None]
+        return apply_mask(images, mask)
     padded = np.concatenate([images, np.repeat(images[:1], batch - len(images), 0)]) if len(images) < batch else images
     out = np.asarray(desensitize(padded.astype(np.float32) / 255.0, method, size=size))
     return np.round(np.clip(out[:len(images)], 0.0, 1.0) * 255.0).astype(np.uint8)
