@@ -372,22 +372,36 @@ def test_cli_reports_mismatched_checkpoints_clearly(tiny, tmp_path):
 @pytest.mark.slow
 def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm_workdir, att_searched_mask,
                                     tmp_path):
+    """The paper's orderings on AT&T's held-out identities, with margins set from two measured runs
+    (the conftest models, seed 0, and the same recipe with seed 1; 900 pairs, 10 folds, fold std of
+    one accuracy 0.02-0.06, per-fold paired differences between models: standard error 0.011-0.016)."""
     out = tmp_path / "eval"
     job = EvaluateJob(checkpoints=(str(att_clean_workdir), str(att_mask_workdir), str(att_fsm_workdir)),
                       mask=str(att_searched_mask), out=str(out), repeats=2, baseline_n=32, attack_images=40)
     results = run_evaluate_job(job, progress=False, log=lambda _: None)
-    labels = ["resnet", "resnet-mask", "resnet-fsm"]
     assert results["data"]["identities"] == 10 and results["data"]["images"] == 100
-    assert all(_finite(results["verification"][lb][c]["accuracy"]) for lb in labels for c in ("clean", "masked"))
-    assert all(_finite(m["mean"]) for row in results["table1"]["rows"] for m in row["models"].values())
+    assert results["table3"]["ratio"] == pytest.approx(hidden_share(np.asarray(Image.open(att_searched_mask))))
+    assert results["table3"]["ratio"] >= 0.6 and results["attacks"]["images"] <= 40
+    # A trained clean model recognizes clean held-out faces far above chance (measured 0.913, 0.906).
+    verification, table5 = results["verification"], results["table5"]
+    assert verification["resnet"]["clean"]["accuracy"] > 0.8
+    # Table 1: at every hole-ratio level, both mask-trained models beat the clean one (measured gaps
+    # 0.14-0.28 with seed 0, 0.18-0.32 with seed 1).
+    for row in results["table1"]["rows"][1:]:
+        for label in ("resnet-mask", "resnet-fsm"):
+            assert row["models"][label]["mean"] > row["models"]["resnet"]["mean"] + 0.08, (row["level"], label)
+    # Table 3: under the searched mask the FSM model beats the clean one (measured +0.056 and +0.026);
+    # resnet-mask, trained on random level masks, is ahead by +0.011 and +0.016: within the noise.
+    assert verification["resnet-fsm"]["masked"]["accuracy"] > verification["resnet"]["masked"]["accuracy"] + 0.01
+    # Table 5, Situation 2 (clean query, masked gallery): the clean model falls to near chance
+    # (measured 0.50, 0.56), the mask-trained ones do not (0.79-0.85).
+    for label in ("resnet-mask", "resnet-fsm"):
+        assert table5[label]["situation2"]["accuracy"] > table5["resnet"]["situation2"]["accuracy"] + 0.15, label
+    # Table 4: dSSIM(mask) > dSSIM(mosaic) > dSSIM(blur) at both sizes (measured 0.85 > 0.26 / 0.59 > 0.13 / 0.23).
+    assert results["table4"]["ordering"]["holds"], results["table4"]["ordering"]
+    # Every inpainting attack restores much of what the mask hid (PSNR 17.7-18.8 dB vs 7.6-8.2 masked).
+    masked_psnr = results["attacks"]["rows"][1]["psnr_mean"]
+    assert all(row["psnr_mean"] > masked_psnr + 5 for row in results["attacks"]["rows"][2:])
     assert all(_finite(v[c]["accuracy"]) for row in results["table2"]["rows"] for v in row["models"].values()
                for c in ("masked", "inpainted"))
-    assert results["table3"]["ratio"] >= 0.6
-    assert all(_finite(row[k]) for row in results["table4"]["rows"] for k in ("dssim_mean", "psnr_mean"))
-    assert all(_finite(results["table5"][lb][s]["accuracy"])
-               for lb in labels for s in ("situation1", "situation2", "situation3"))
-    assert all(_finite(r["psnr_mean"]) for r in results["attacks"]["rows"][1:])
-    assert results["attacks"]["images"] <= 40
-    # A trained clean model recognizes clean held-out faces far above chance.
-    assert results["verification"]["resnet"]["clean"]["accuracy"] > 0.7
     assert (out / "report.md").exists() and (out / "examples.png").exists()
