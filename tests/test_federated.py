@@ -195,6 +195,7 @@ def test_client_mesh_uses_every_device_and_checks_the_batch():
         F.client_mesh(3, 18, devices)
 
 
+@pytest.mark.slow
 def test_fedavg_end_to_end_weights_clients_of_different_sizes(tmp_path):
     """One simulated round with clients holding different numbers of images: the saved global model
     is the example-weighted mean of each client's training step, computed here client by client."""

@@ -206,6 +206,7 @@ def test_same_ratio_random_masks_are_chosen_by_hidden_share():
         assert all(abs(hidden_share(m) - target) < 0.05 for m in masks), [hidden_share(m) for m in masks]
 
 
+@pytest.mark.slow
 def test_search_reports_hidden_shares_and_adapts_the_floor_to_the_template(hidden_pixel_runs, tmp_path):
     from jaxdesens.jobs.search import SearchJob, run_search_job
     from jaxdesens.masks import load_mask
