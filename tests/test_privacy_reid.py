@@ -90,10 +90,11 @@ def _identity_images(identities=12, per_identity=5, size=16, noise=0.15, seed=0)
     return images.astype(np.float32), np.repeat(np.arange(identities), per_identity)
 
 
-def _audit(images, labels, conditions_of, attackers=(PixelAttacker(),)):
+def _audit(images, labels, conditions_of, attackers=None):
     gallery, probes = gallery_split(labels, 1, seed=0)
     conditions = conditions_of(images[probes])
-    return reidentification_audit(images[gallery], labels[gallery], labels[probes], conditions, attackers)
+    return reidentification_audit(images[gallery], labels[gallery], labels[probes], conditions,
+                                  attackers or [PixelAttacker()])
 
 
 def test_audit_names_clean_people_and_not_fully_hidden_ones():

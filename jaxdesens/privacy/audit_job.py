@@ -1,0 +1,248 @@
+"""The audit as a job (what `launch/audit.py` runs): read faces, build attackers and conditions,
+score them, write `audit.json`, `audit.md`, `examples.png` and, given utility numbers, the
+privacy-utility figure.
+
+Which faces: by default the identities an export carries, i.e. those `launch/train.py` trains
+on (`identities="kept"` with its `holdout` / `split_seed`), so a restorer trained on the held-out
+identities never saw the people it attacks. Per person, `gallery_per_identity` seeded clean
+photos form the gallery; the other photos, desensitized, are the probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdesens.data import SyntheticConfig, load_dataset, split_identities
+from jaxdesens.data.errors import DataError
+from jaxdesens.metrics.attacks import ATTACK_METHODS
+from jaxdesens.paths import check_output_folder
+from jaxdesens.privacy import dlib_face
+from jaxdesens.privacy.audit import audit_markdown, desensitization_conditions, reidentification_audit
+from jaxdesens.privacy.reid import gallery_split
+from jaxdesens.workdir import write_json_atomic
+
+ASSUMPTIONS = {
+    "threat": "The attacker holds the desensitized probes (and, for a mask export, the mask, which ships with "
+              "it), a clean gallery photo of each candidate person, and the recognizers named in the table; it "
+              "never holds the probe photos unmasked, nor their identity labels.",
+    "dlib": "dlib: faces are aligned, so probes are cut into dlib's 150x150 chip with the mean 5-point landmark "
+            "layout of the clean gallery (the detector and landmark predictor run on gallery photos only).",
+    "restorer": "The learned restorer was trained on faces of other people (see its workdir's run.json), never on "
+                "the probes.",
+}
+
+IDENTITIES = ("kept", "held_out", "all")
+ATTACKERS = ("dlib", "pixels")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    out: str
+    data: str | None = None
+    identities: str = "kept"
+    holdout: float = 0.25
+    split_seed: int = 0
+    image_size: int = 64
+    channels: int = 3
+    gallery_per_identity: int = 1
+    probes_per_identity: int = 0
+    masks: tuple[str, ...] = ()
+    freeform: tuple[float, ...] = ()
+    blur: tuple[int, ...] | None = None
+    mosaic: tuple[int, ...] | None = None
+    classical: tuple[str, ...] = ATTACK_METHODS
+    every_restoration: bool = False
+    restorer: str | None = None
+    recognizers: tuple[str, ...] = ()
+    attackers: tuple[str, ...] = ("dlib",)
+    far: float = 1e-3
+    seed: int = 0
+    utility: str | None = None
+    synthetic_identities: int = 96
+    synthetic_images_per_identity: int = 12
+
+    def __post_init__(self):
+        if self.identities not in IDENTITIES:
+            raise ValueError(f"--identities must be one of {'|'.join(IDENTITIES)}, got {self.identities!r}")
+        unknown = sorted(set(self.attackers) - set(ATTACKERS))
+        if unknown:
+            raise ValueError(f"--attackers: unknown {unknown}; expected some of {ATTACKERS} (recipient models "
+                             "come with --recognizer)")
+        bad = sorted(set(self.classical) - set(ATTACK_METHODS))
+        if bad:
+            raise ValueError(f"--classical: unknown {bad}; expected some of {ATTACK_METHODS}")
+        if not 0 < self.far < 1:
+            raise ValueError(f"--far must be in (0, 1), got {self.far}")
+
+
+def parse_mask_spec(spec: str) -> tuple[str, str]:
+    """`LABEL=PATH` or `PATH` (label: the file's folder name, e.g. the search's --out)."""
+    label, sep, path = spec.partition("=")
+    if not sep:
+        path = spec
+        label = Path(spec).parent.name or Path(spec).stem
+    if not label or not path:
+        raise ValueError(f"--mask={spec!r}: expected PATH or LABEL=PATH")
+    return label, path
+
+
+def _faces(config: AuditConfig, progress: bool):
+    synthetic = SyntheticConfig(config.synthetic_identities, config.synthetic_images_per_identity,
+                                config.image_size, config.channels, seed=0)
+    dataset = load_dataset(config.data, config.image_size, config.channels, synthetic, progress=progress)
+    if dataset.mask is not None:
+        raise DataError(f"{config.data}: is a desensitized export; the audit needs the owner's clean faces")
+    if config.identities != "all":
+        kept, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
+        dataset = kept if config.identities == "kept" else held_out
+    return dataset
+
+
+def _probe_subset(labels: np.ndarray, probes: np.ndarray, per_identity: int) -> np.ndarray:
+    """The first `per_identity` probes of each identity (all with 0): fewer descriptors for a quick audit."""
+    if per_identity <= 0:
+        return probes
+    return np.sort(np.concatenate([probes[labels[probes] == label][:per_identity]
+                                   for label in np.unique(labels[probes])]))
+
+
+def _masks(config: AuditConfig) -> dict[str, np.ndarray]:
+    from jaxdesens.masks.io import load_mask
+    from jaxdesens.privacy.masks import fixed_freeform_mask
+
+    masks = {}
+    for spec in config.masks:
+        label, path = parse_mask_spec(spec)
+        if label in masks:
+            raise ValueError(f"--mask label {label!r} given twice; name them LABEL=PATH")
+        masks[label] = load_mask(path, config.image_size)
+    for hidden in config.freeform:
+        masks[f"freeform{round(100 * hidden)}"] = fixed_freeform_mask(config.image_size, hidden, seed=config.seed)
+    return masks
+
+
+def build_attackers(config: AuditConfig, log: Callable[[str], None]) -> tuple[list, dict[str, str]]:
+    """The attackers that can run, and the reason for each that cannot (reported, never dropped)."""
+    from jaxdesens.privacy.attackers import PixelAttacker, RecognizerAttacker
+
+    attackers, unavailable = [], {}
+    for name in config.attackers:
+        if name == "dlib":
+            reason = dlib_face.unavailable_reason()
+            if reason is None:
+                attackers.append(dlib_face.DlibAttacker())
+            else:
+                unavailable["dlib"] = reason
+                log(f"attacker dlib skipped: {reason}")
+        else:
+            attackers.append(PixelAttacker())
+    if config.recognizers:
+        from jaxdesens.recognizer import load_recognizer
+
+        for workdir in config.recognizers:
+            attackers.append(RecognizerAttacker(load_recognizer(workdir), name=f"recipient:{Path(workdir).name}"))
+    return attackers, unavailable
+
+
+def _examples(path: Path, conditions, count: int = 4) -> None:
+    from jaxdesens.figures import save_grid
+
+    rows = [[c.probes[i] for c in conditions] for i in np.linspace(0, len(conditions[0].probes) - 1, count).astype(int)]
+    save_grid(path, rows, labels=[c.name[:14] for c in conditions])
+
+
+def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the audit and writes its files to `config.out`; returns what audit.json holds."""
+    from jaxdesens.desensitize.operators import paper_sizes
+
+    out = check_output_folder(config.out, {"--data": config.data},
+                              workdirs=[*config.recognizers, *([config.restorer] if config.restorer else [])])
+    masks = _masks(config)
+    sizes = paper_sizes(config.image_size)
+    blur = sizes["blur"] if config.blur is None else config.blur
+    mosaic = sizes["mosaic"] if config.mosaic is None else config.mosaic
+    utility = _read_utility(config.utility)
+    bases = {"clean", *(f"mask:{label}" for label in masks), *(f"blur:{k}" for k in blur),
+             *(f"mosaic:{b}" for b in mosaic)}
+    if set(utility) - bases:
+        raise DataError(f"--utility={config.utility}: names {sorted(set(utility) - bases)} are not conditions of "
+                        f"this audit; expected some of {sorted(bases)}")
+    faces = _faces(config, progress)
+    gallery, probes = gallery_split(faces.labels, config.gallery_per_identity, seed=config.seed)
+    probes = _probe_subset(faces.labels, probes, config.probes_per_identity)
+    if probes.size == 0:
+        raise DataError(f"{faces.source}: no identity has more than {config.gallery_per_identity} image(s); "
+                        "nothing is left to probe with")
+    images = faces.images.astype(np.float32) / 255.0
+    attackers, unavailable = build_attackers(config, log)
+    if not attackers:
+        raise DataError("no attacker can run: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+    restore = None
+    if config.restorer:
+        from jaxdesens.privacy.restorer_train import load_restorer
+
+        restore = load_restorer(config.restorer).restore
+    log(f"audit: {faces.num_classes} identities of {faces.source} ({config.identities}), gallery {len(gallery)}, "
+        f"probes {len(probes)}; attackers: {', '.join(a.name for a in attackers) or 'none'}")
+    conditions, restorations = desensitization_conditions(
+        images[probes], masks, blur, mosaic, config.classical, restore, config.every_restoration, progress=progress)
+    audit = reidentification_audit(images[gallery], faces.labels[gallery], faces.labels[probes], conditions,
+                                   attackers, far=config.far, unavailable=unavailable, progress=progress)
+    audit["data"] = {"source": faces.source, "identities": faces.num_classes, "which": config.identities,
+                     "image_size": config.image_size}
+    audit["assumptions"] = [ASSUMPTIONS["threat"]] + [ASSUMPTIONS[k] for k in ("dlib", "restorer")
+                                                      if k in config.attackers or getattr(config, k, None)]
+    result = {"settings": dataclasses.asdict(config), "audit": audit, "restorations": restorations}
+    out.mkdir(parents=True, exist_ok=True)
+    _examples(out / "examples.png", conditions)
+    markdown = audit_markdown(audit, restorations) + "\n" + "\n".join(f"- {a}" for a in audit["assumptions"]) + "\n"
+    if utility:
+        from jaxdesens.privacy.figure import privacy_utility_figure
+
+        result["figure"] = privacy_utility_figure(audit, utility, out / "privacy_utility.png")
+        markdown += "\n![privacy against utility](privacy_utility.png)\n"
+    write_json_atomic(out / "audit.json", result)
+    _write_text_atomic(out / "audit.md", markdown)
+    return result
+
+
+
+
+def _read_utility(path: str | None) -> dict[str, float]:
+    if path is None:
+        return {}
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"--utility={path}: cannot read JSON ({err})") from err
+    if not isinstance(values, dict) or not all(isinstance(v, int | float) for v in values.values()):
+        raise DataError(f"--utility={path}: expected an object {{condition: accuracy}}, e.g. "
+                        '{"clean": 0.87, "mask:search": 0.82, "blur:5": 0.85}')
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def redraw_figure(audit_json: str | Path, utility: str, out: str | Path) -> list[dict[str, Any]]:
+    """The figure again from a finished audit.json and a utility file (no attacker runs)."""
+    from jaxdesens.privacy.figure import privacy_utility_figure
+
+    try:
+        audit = json.loads(Path(audit_json).read_text())["audit"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise DataError(f"{audit_json}: not an audit.json written by launch/audit.py ({err})") from err
+    return privacy_utility_figure(audit, _read_utility(utility), out)
