@@ -8,11 +8,12 @@ The off-the-shelf face recognizer is in `privacy/dlib_face.py`.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from jaxdesens.recognizer import Recognizer
+if TYPE_CHECKING:  # only a type here: importing the recognizer pulls in the input pipeline (grain)
+    from jaxdesens.recognizer import Recognizer
 
 
 class Attacker(Protocol):

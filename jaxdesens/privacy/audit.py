@@ -175,7 +175,8 @@ def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]]
                   f"{audit['probes']} desensitized probes of the same people (never in the gallery). Chance: rank-1 "
                   f"{_percent(first['rank1_chance'])}, TAR at FAR={audit['far']:g} {_percent(first['tar_chance'])} "
                   f"({first['impostor_comparisons']} impostor comparisons: each probe against every other person's "
-                  "gallery photos; n/a: fewer than 1/FAR of them, so not even one false accept could be allowed).", ""]
+                  "gallery photos" + ("; n/a: fewer than 1/FAR of them, so not even one false accept could be "
+                                      "allowed" if first["tar"] is None else "") + ").", ""]
     header = "| probes | hidden | PSNR (dB) | " + " | ".join(f"{a} rank-1 | {a} TAR" for a in attackers) + " |"
     lines += [header, "|" + "---|" * (3 + 2 * len(attackers))]
     for c in audit["conditions"]:
@@ -183,7 +184,7 @@ def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]]
         for a in attackers:
             r = by_key[(a, c["name"])]
             cells += [_percent(r["rank1"]), _percent(r["tar"])]
-        quality = "" if c.get("psnr") is None else f"{c['psnr']:.1f}"
+        quality = "-" if c.get("psnr") is None else f"{c['psnr']:.1f}"
         lines.append(f"| {c['name']} | {_percent(c['hidden']) if c['hidden'] is not None else '-'} | {quality} | "
                      + " | ".join(cells) + " |")
     for name, reason in audit["skipped"].items():
