@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,12 +169,9 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
     sizes = paper_sizes(config.image_size)
     blur = sizes["blur"] if config.blur is None else config.blur
     mosaic = sizes["mosaic"] if config.mosaic is None else config.mosaic
-    utility = _read_utility(config.utility)
-    bases = {"clean", *(f"mask:{label}" for label in masks), *(f"blur:{k}" for k in blur),
-             *(f"mosaic:{b}" for b in mosaic)}
-    if set(utility) - bases:
-        raise DataError(f"--utility={config.utility}: names {sorted(set(utility) - bases)} are not conditions of "
-                        f"this audit; expected some of {sorted(bases)}")
+    # A misspelt utility name fails now, not after the attacks have run.
+    utility = _read_utility(config.utility, {"clean", *(f"mask:{label}" for label in masks),
+                                             *(f"blur:{k}" for k in blur), *(f"mosaic:{b}" for b in mosaic)})
     faces = _faces(config, progress)
     gallery, probes = gallery_split(faces.labels, config.gallery_per_identity, seed=config.seed)
     probes = _probe_subset(faces.labels, probes, config.probes_per_identity)
@@ -196,8 +195,11 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
                                    attackers, far=config.far, unavailable=unavailable, progress=progress)
     audit["data"] = {"source": faces.source, "identities": faces.num_classes, "which": config.identities,
                      "image_size": config.image_size}
-    audit["assumptions"] = [ASSUMPTIONS["threat"]] + [ASSUMPTIONS[k] for k in ("dlib", "restorer")
-                                                      if k in config.attackers or getattr(config, k, None)]
+    audit["assumptions"] = [ASSUMPTIONS["threat"]]
+    if any(a.name == "dlib" for a in attackers):
+        audit["assumptions"].append(ASSUMPTIONS["dlib"])
+    if config.restorer:
+        audit["assumptions"].append(ASSUMPTIONS["restorer"])
     result = {"settings": dataclasses.asdict(config), "audit": audit, "restorations": restorations}
     out.mkdir(parents=True, exist_ok=True)
     _examples(out / "examples.png", conditions)
@@ -212,9 +214,8 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
     return result
 
 
-
-
-def _read_utility(path: str | None) -> dict[str, float]:
+def _read_utility(path: str | None, conditions: set[str]) -> dict[str, float]:
+    """`{condition: accuracy}` from `path`, every name one of `conditions` (the audit's or an audit.json's)."""
     if path is None:
         return {}
     try:
@@ -224,25 +225,33 @@ def _read_utility(path: str | None) -> dict[str, float]:
     if not isinstance(values, dict) or not all(isinstance(v, int | float) for v in values.values()):
         raise DataError(f"--utility={path}: expected an object {{condition: accuracy}}, e.g. "
                         '{"clean": 0.87, "mask:search": 0.82, "blur:5": 0.85}')
+    unknown = sorted(set(values) - conditions)
+    if unknown:
+        raise DataError(f"--utility={path}: names {unknown} are not conditions of this audit; expected some of "
+                        f"{sorted(conditions)}")
     return {str(k): float(v) for k, v in values.items()}
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def redraw_figure(audit_json: str | Path, utility: str, out: str | Path) -> list[dict[str, Any]]:
     """The figure again from a finished audit.json and a utility file (no attacker runs)."""
     from jaxdesens.privacy.figure import privacy_utility_figure
 
+    inputs = (Path(audit_json).resolve(), Path(utility).resolve())
+    if Path(out).suffix.lower() != ".png" or Path(out).resolve() in inputs:
+        raise ValueError(f"--out={out}: give a new .png path for the figure (the inputs are never overwritten)")
     try:
         audit = json.loads(Path(audit_json).read_text())["audit"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise DataError(f"{audit_json}: not an audit.json written by launch/audit.py ({err})") from err
-    return privacy_utility_figure(audit, _read_utility(utility), out)
+    return privacy_utility_figure(audit, _read_utility(utility, {c["base"] for c in audit["conditions"]}), out)

@@ -68,9 +68,8 @@ class RestorerConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 25
-
-    # Fields that do not change what is computed (the data and mask are checked by fingerprint).
-    RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "data", "mask")
+    # `RunDirectory.claim` lets checkpoint_every, keep_checkpoints, log_every, data and mask differ on
+    # resume (TrainConfig's resumable fields, same names here); data and mask are checked by fingerprint.
 
     def __post_init__(self):
         if self.identities not in IDENTITIES:
