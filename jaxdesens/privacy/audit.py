@@ -200,6 +200,8 @@ def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]]
             psnr_text = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
             ssim_text = "n/a" if r["ssim"] is None else f"{r['ssim']:.3f}"
             lines.append(f"| {r['mask']} | {_percent(r['hidden'])} | {r['method']} | {psnr_text} | {ssim_text} |")
+    if audit.get("assumptions"):
+        lines += ["", "Assumptions:", ""] + [f"- {a}" for a in audit["assumptions"]]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ from jaxdesens.data.errors import DataError
 from jaxdesens.metrics.attacks import ATTACK_METHODS
 from jaxdesens.paths import check_output_folder
 from jaxdesens.privacy import dlib_face
-from jaxdesens.privacy.audit import audit_markdown, desensitization_conditions, reidentification_audit
+from jaxdesens.privacy.attackers import Attacker, PixelAttacker, RecognizerAttacker
+from jaxdesens.privacy.audit import Condition, audit_markdown, desensitization_conditions, reidentification_audit
 from jaxdesens.privacy.reid import gallery_split
+from jaxdesens.recognizer import load_recognizer
 from jaxdesens.workdir import write_json_atomic
 
 ASSUMPTIONS = {
@@ -129,12 +131,10 @@ def _masks(config: AuditConfig) -> dict[str, np.ndarray]:
     return masks
 
 
-def build_attackers(config: AuditConfig, log: Callable[[str], None]) -> tuple[list, dict[str, str]]:
-    """The attackers that can run, and the reason for each that cannot (reported, never dropped)."""
-    from jaxdesens.privacy.attackers import PixelAttacker, RecognizerAttacker
-
+def off_the_shelf(names: Sequence[str], log: Callable[[str], None] = print) -> tuple[list[Attacker], dict[str, str]]:
+    """The named off-the-shelf attackers that can run, and the reason for each that cannot."""
     attackers, unavailable = [], {}
-    for name in config.attackers:
+    for name in names:
         if name == "dlib":
             reason = dlib_face.unavailable_reason()
             if reason is None:
@@ -142,14 +142,46 @@ def build_attackers(config: AuditConfig, log: Callable[[str], None]) -> tuple[li
             else:
                 unavailable["dlib"] = reason
                 log(f"attacker dlib skipped: {reason}")
-        else:
+        elif name == "pixels":
             attackers.append(PixelAttacker())
-    if config.recognizers:
-        from jaxdesens.recognizer import load_recognizer
-
-        for workdir in config.recognizers:
-            attackers.append(RecognizerAttacker(load_recognizer(workdir), name=f"recipient:{Path(workdir).name}"))
+        else:
+            raise ValueError(f"unknown attacker {name!r}; expected some of {ATTACKERS}")
     return attackers, unavailable
+
+
+def audit_faces(images: np.ndarray, labels: np.ndarray, masks: dict[str, np.ndarray], *,
+                attackers: Sequence[str] = ("dlib",), extra_attackers: Sequence[Attacker] = (),
+                blur: Sequence[int] = (), mosaic: Sequence[int] = (), classical: Sequence[str] = ATTACK_METHODS,
+                restore: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, every_restoration: bool = False,
+                gallery_per_identity: int = 1, probes_per_identity: int = 0, far: float = 1e-3, seed: int = 0,
+                progress: bool = False, log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[Condition]]:
+    """The whole audit of an in-memory identity set (NHWC uint8 or [0, 1] images, integer labels):
+    `({"audit", "restorations"}, conditions)`. What a report calls; `extra_attackers` are e.g.
+    `RecognizerAttacker`s of models it already holds. Off-the-shelf attackers that cannot run are
+    listed in `audit["skipped"]` with the reason; with no attacker at all it raises DataError."""
+    images = np.asarray(images)
+    images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    labels = np.asarray(labels)
+    gallery, probes = gallery_split(labels, gallery_per_identity, seed=seed)
+    probes = _probe_subset(labels, probes, probes_per_identity)
+    if probes.size == 0:
+        raise DataError(f"no identity has more than {gallery_per_identity} image(s); nothing is left to probe with")
+    ready, unavailable = off_the_shelf(attackers, log)
+    ready += list(extra_attackers)
+    if not ready:
+        raise DataError("no attacker can run: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+    log(f"audit: {len(np.unique(labels))} identities, gallery {len(gallery)}, probes {len(probes)}; attackers: "
+        + ", ".join(a.name for a in ready))
+    conditions, restorations = desensitization_conditions(images[probes], masks, blur, mosaic, classical, restore,
+                                                          every_restoration, progress=progress)
+    audit = reidentification_audit(images[gallery], labels[gallery], labels[probes], conditions, ready, far=far,
+                                   unavailable=unavailable, progress=progress)
+    audit["assumptions"] = [ASSUMPTIONS["threat"]]
+    if any(a.name == "dlib" for a in ready):
+        audit["assumptions"].append(ASSUMPTIONS["dlib"])
+    if restore is not None:
+        audit["assumptions"].append(ASSUMPTIONS["restorer"])
+    return {"audit": audit, "restorations": restorations}, conditions
 
 
 def _examples(path: Path, conditions, count: int = 4) -> None:
@@ -173,37 +205,24 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
     utility = _read_utility(config.utility, {"clean", *(f"mask:{label}" for label in masks),
                                              *(f"blur:{k}" for k in blur), *(f"mosaic:{b}" for b in mosaic)})
     faces = _faces(config, progress)
-    gallery, probes = gallery_split(faces.labels, config.gallery_per_identity, seed=config.seed)
-    probes = _probe_subset(faces.labels, probes, config.probes_per_identity)
-    if probes.size == 0:
-        raise DataError(f"{faces.source}: no identity has more than {config.gallery_per_identity} image(s); "
-                        "nothing is left to probe with")
-    images = faces.images.astype(np.float32) / 255.0
-    attackers, unavailable = build_attackers(config, log)
-    if not attackers:
-        raise DataError("no attacker can run: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     restore = None
     if config.restorer:
         from jaxdesens.privacy.restorer_train import load_restorer
 
         restore = load_restorer(config.restorer).restore
-    log(f"audit: {faces.num_classes} identities of {faces.source} ({config.identities}), gallery {len(gallery)}, "
-        f"probes {len(probes)}; attackers: {', '.join(a.name for a in attackers) or 'none'}")
-    conditions, restorations = desensitization_conditions(
-        images[probes], masks, blur, mosaic, config.classical, restore, config.every_restoration, progress=progress)
-    audit = reidentification_audit(images[gallery], faces.labels[gallery], faces.labels[probes], conditions,
-                                   attackers, far=config.far, unavailable=unavailable, progress=progress)
+    recipients = [RecognizerAttacker(load_recognizer(w), name=f"recipient:{Path(w).name}") for w in config.recognizers]
+    found, conditions = audit_faces(
+        faces.images, faces.labels, masks, attackers=config.attackers, extra_attackers=recipients, blur=blur,
+        mosaic=mosaic, classical=config.classical, restore=restore, every_restoration=config.every_restoration,
+        gallery_per_identity=config.gallery_per_identity, probes_per_identity=config.probes_per_identity,
+        far=config.far, seed=config.seed, progress=progress, log=log)
+    audit, restorations = found["audit"], found["restorations"]
     audit["data"] = {"source": faces.source, "identities": faces.num_classes, "which": config.identities,
                      "image_size": config.image_size}
-    audit["assumptions"] = [ASSUMPTIONS["threat"]]
-    if any(a.name == "dlib" for a in attackers):
-        audit["assumptions"].append(ASSUMPTIONS["dlib"])
-    if config.restorer:
-        audit["assumptions"].append(ASSUMPTIONS["restorer"])
-    result = {"settings": dataclasses.asdict(config), "audit": audit, "restorations": restorations}
+    result = {"settings": dataclasses.asdict(config), **found}
     out.mkdir(parents=True, exist_ok=True)
     _examples(out / "examples.png", conditions)
-    markdown = audit_markdown(audit, restorations) + "\n" + "\n".join(f"- {a}" for a in audit["assumptions"]) + "\n"
+    markdown = audit_markdown(audit, restorations)
     if utility:
         from jaxdesens.privacy.figure import privacy_utility_figure
 
