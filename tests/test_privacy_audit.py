@@ -90,7 +90,8 @@ def test_audit_cli_writes_table_figure_and_redraws(tmp_path, tiny_restorer):
     mask = np.ones((32, 32), np.float32)
     mask[10:26, 6:26] = 0
     save_mask(tmp_path / "search" / "mask.png", mask)
-    (tmp_path / "utility.json").write_text(json.dumps({"clean": 0.9, "mask:search": 0.8, "blur:3": 0.85}))
+    (tmp_path / "utility.json").write_text(json.dumps({"clean": 0.9, "blur:3": 0.85,
+                                                       "mask:search": {"accuracy": 0.8, "attackers": ["pixels"]}}))
     out = tmp_path / "audit"
     command = [PYTHON, str(ROOT / "launch" / "audit.py"), f"--out={out}", "--image_size=32", "--identities=held_out",
                "--attackers=pixels", f"--mask={tmp_path / 'search' / 'mask.png'}", "--freeform=0.7",
@@ -113,8 +114,24 @@ def test_audit_cli_writes_table_figure_and_redraws(tmp_path, tiny_restorer):
                              f"--utility={tmp_path / 'utility.json'}", f"--out={tmp_path / 'again.png'}"],
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert redraw.returncode == 0 and (tmp_path / "again.png").stat().st_size > 1000, redraw.stderr
-    (tmp_path / "bad.json").write_text(json.dumps({"mask:serach": 0.8}))
+    (tmp_path / "bad.json").write_text(json.dumps({"mask:serach": 0.8, "clean": {"accuracy": 0.9,
+                                                                                 "attackers": ["dlb"]}}))
     bad = subprocess.run([*command[:-2], f"--utility={tmp_path / 'bad.json'}", f"--out={tmp_path / 'bad'}",
                           "--progress=false"],
                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "mask:serach" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_utility_file_errors_name_the_entry_before_any_attack(tmp_path):
+    from jaxdesens.privacy.audit_job import _read_utility
+
+    path = tmp_path / "u.json"
+    for content, message in [({"clean": {"accuracy": 0.9, "attackers": ["dlb"]}}, r"'clean' names attackers \['dlb'\]"),
+                             ({"blur:3": "high"}, "utility of 'blur:3': expected a number"),
+                             ({"mosaic:7": 0.8}, r"names \['mosaic:7'\] are not conditions")]:
+        path.write_text(json.dumps(content))
+        with pytest.raises(DataError, match=message):
+            _read_utility(str(path), {"clean", "blur:3"}, {"dlib", "recipient:fsm"})
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="cannot read JSON"):
+        _read_utility(str(path), {"clean"})

@@ -16,6 +16,7 @@ from jaxdesens.privacy import (
     privacy_utility_figure,
     reidentification_audit,
     similarity,
+    worst_case,
 )
 
 
@@ -119,6 +120,15 @@ def test_probes_are_never_compared_with_themselves():
     assert audit["results"][0]["rank1"] < 0.08  # chance 2.5% over 160 probes; self-matching gives 100%
 
 
+class _Shuffled(PixelAttacker):
+    """A second attacker that embeds probes as the gallery would not: it names the wrong people."""
+
+    name = "shuffled"
+
+    def embed_probes(self, images, mask=None):
+        return super().embed_probes(images, mask)[::-1]
+
+
 class _Recorder(PixelAttacker):
     """Records what the audit hands the attacker."""
 
@@ -149,16 +159,25 @@ def test_attackers_receive_only_desensitized_probes_and_the_mask():
 def test_markdown_lists_skipped_attackers_with_their_reason_and_figure_points(tmp_path):
     images, labels = _identity_images()
     audit = _audit(images, labels, lambda p: [Condition("clean", None, p), Condition("blur", "3", p * 0.5),
-                                              Condition("blur", "3", p * 0.0, restoration="learned")])
+                                              Condition("blur", "3", p * 0.0, restoration="learned"),
+                                              Condition("mask", "x", p * 0.0), Condition("mask", "x", p, "learned")],
+                   [PixelAttacker(), _Shuffled()])
     audit["skipped"] = {"dlib": "dlib is not installed; install the faces extra"}
     text = audit_markdown(audit)
     assert "**Attacker dlib skipped**: dlib is not installed" in text
     assert "| blur:3+learned |" in text
-    points = privacy_utility_figure(audit, {"clean": 0.9, "blur:3": 0.8}, tmp_path / "f.png")
+    utility = {"clean": 0.9, "blur:3": 0.8, "mask:x": {"accuracy": 0.7, "attackers": ["shuffled", "dlib"]}}
+    points = privacy_utility_figure(audit, utility, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     by_name = {p["name"]: p for p in points}
     worst = max(r["rank1"] for r in audit["results"] if r["condition"].startswith("blur:3"))
     assert by_name["blur:3"]["reidentification"] == worst and by_name["blur:3"]["utility"] == 0.8
+    named = [r["rank1"] for r in audit["results"]
+             if r["condition"].startswith("mask:x") and r["attacker"] == "shuffled"]
+    assert by_name["mask:x"]["reidentification"] == max(named) < worst_case(audit, "mask:x") == 1.0
+    assert by_name["mask:x"]["attackers"] == ["shuffled"]  # dlib was skipped: left out, said so in the table
     with pytest.raises(ValueError, match="mosaic:9"):
         privacy_utility_figure(audit, {"mosaic:9": 0.5}, tmp_path / "g.png")
+    with pytest.raises(ValueError, match="insider"):
+        privacy_utility_figure(audit, {"clean": {"accuracy": 0.9, "attackers": ["insider"]}}, tmp_path / "g.png")
     json.dumps(audit)  # JSON-ready

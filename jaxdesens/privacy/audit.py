@@ -205,10 +205,13 @@ def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]]
     return "\n".join(lines) + "\n"
 
 
-def worst_case(audit: dict[str, Any], base: str, attacker: str | None = None) -> float:
-    """The highest rank-1 any attacker (or `attacker`) reaches on `base` or any restoration of it."""
+def worst_case(audit: dict[str, Any], base: str, attackers: Sequence[str] | None = None) -> float:
+    """The highest rank-1 any of `attackers` (all with None) reaches on `base` or any restoration of it."""
+    known = set(audit["attackers"])
+    if attackers is not None and set(attackers) - known:
+        raise ValueError(f"attackers {sorted(set(attackers) - known)} are not in the audit; it has {sorted(known)}")
     values = [r["rank1"] for r in audit["results"]
-              if r["condition"].split("+")[0] == base and (attacker is None or r["attacker"] == attacker)]
+              if r["condition"].split("+")[0] == base and (attackers is None or r["attacker"] in attackers)]
     if not values:
-        raise ValueError(f"the audit has no results for {base!r}" + (f" by {attacker!r}" if attacker else ""))
+        raise ValueError(f"the audit has no results for {base!r}")
     return max(values)

@@ -201,9 +201,9 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
     sizes = paper_sizes(config.image_size)
     blur = sizes["blur"] if config.blur is None else config.blur
     mosaic = sizes["mosaic"] if config.mosaic is None else config.mosaic
-    # A misspelt utility name fails now, not after the attacks have run.
     utility = _read_utility(config.utility, {"clean", *(f"mask:{label}" for label in masks),
-                                             *(f"blur:{k}" for k in blur), *(f"mosaic:{b}" for b in mosaic)})
+                                             *(f"blur:{k}" for k in blur), *(f"mosaic:{b}" for b in mosaic)},
+                            {*config.attackers, *(f"recipient:{Path(w).name}" for w in config.recognizers)})
     faces = _faces(config, progress)
     restore = None
     if config.restorer:
@@ -233,22 +233,33 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
     return result
 
 
-def _read_utility(path: str | None, conditions: set[str]) -> dict[str, float]:
-    """`{condition: accuracy}` from `path`, every name one of `conditions` (the audit's or an audit.json's)."""
+def _read_utility(path: str | None, conditions: set[str], attackers: set[str] | None = None) -> dict[str, Any]:
+    """The utility file (see `figure.py`), every name one of `conditions` and every attacker one of
+    `attackers` (when given), so a misspelt name fails before any work is done."""
+    from jaxdesens.privacy.figure import utility_entry
+
     if path is None:
         return {}
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"--utility={path}: cannot read JSON ({err})") from err
-    if not isinstance(values, dict) or not all(isinstance(v, int | float) for v in values.values()):
+    if not isinstance(values, dict):
         raise DataError(f"--utility={path}: expected an object {{condition: accuracy}}, e.g. "
-                        '{"clean": 0.87, "mask:search": 0.82, "blur:5": 0.85}')
+                        '{"clean": 0.87, "mask:search": {"accuracy": 0.82, "attackers": ["dlib", "recipient:fsm"]}}')
     unknown = sorted(set(values) - conditions)
     if unknown:
         raise DataError(f"--utility={path}: names {unknown} are not conditions of this audit; expected some of "
                         f"{sorted(conditions)}")
-    return {str(k): float(v) for k, v in values.items()}
+    for name, value in values.items():
+        try:
+            named = utility_entry(name, value)[1] or []
+        except ValueError as err:
+            raise DataError(f"--utility={path}: {err}") from err
+        if attackers is not None and set(named) - attackers:
+            raise DataError(f"--utility={path}: {name!r} names attackers {sorted(set(named) - attackers)}; this "
+                            f"audit has {sorted(attackers)}")
+    return values
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -273,4 +284,5 @@ def redraw_figure(audit_json: str | Path, utility: str, out: str | Path) -> list
         audit = json.loads(Path(audit_json).read_text())["audit"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise DataError(f"{audit_json}: not an audit.json written by launch/audit.py ({err})") from err
-    return privacy_utility_figure(audit, _read_utility(utility, {c["base"] for c in audit["conditions"]}), out)
+    return privacy_utility_figure(audit, _read_utility(utility, {c["base"] for c in audit["conditions"]},
+                                                       set(audit["attackers"])), out)
