@@ -52,6 +52,7 @@ from jaxdesens.desensitize.pseudonyms import PlannedFile, load_or_create_key, pl
 from jaxdesens.desensitize.report import ATTACKS, attack_report, batch_quality, render_report_md, stats
 from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.paths import is_inside, write_atomic, write_json
 
 
@@ -174,10 +175,10 @@ def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray
                         "centre crop), so the mask must be square")
     image_size = job.image_size or height
     if image_size != height:
-        before = 1.0 - mask.mean()
+        before = mask_ratio(mask)
         mask = mask_io.load_mask(job.mask, image_size)
         log(f"mask {height}x{width} resized to {image_size}x{image_size} (nearest neighbour): ratio {before:.3f} -> "
-            f"{1.0 - mask.mean():.3f}")
+            f"{mask_ratio(mask):.3f}")
     if mask.min() == 1.0:
         raise DataError(f"{job.mask}: the mask hides no pixel; the export would be the original images")
     if mask.max() == 0.0:
@@ -206,7 +207,7 @@ def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: in
     return {"format": FORMAT, "version": __version__, "method": job.method, "layout": layout,
             "image_size": image_size, "channels": job.channels, "size": size,
             "mask_sha256": hashlib.sha256(mask_png).hexdigest() if mask_png is not None else None,
-            "mask_ratio": None if mask is None else round(float(1.0 - mask.mean()), 6)}
+            "mask_ratio": None if mask is None else round(float(mask_ratio(mask)), 6)}
 
 
 
@@ -217,7 +218,7 @@ def desensitize_batch(images: np.ndarray, method: str, mask: np.ndarray | None, 
     hidden pixels are 0, visible ones untouched); blur/mosaic run the JAX operators on a batch
     padded to `batch` images (one compiled shape) and round back to uint8."""
     if method == "mask":
-        return images * mask.astype(np.uint8)[None, :, :, None]
+        return apply_mask(images, mask)
     padded = np.concatenate([images, np.repeat(images[:1], batch - len(images), 0)]) if len(images) < batch else images
     out = np.asarray(desensitize(padded.astype(np.float32) / 255.0, method, size=size))
     return np.round(np.clip(out[:len(images)], 0.0, 1.0) * 255.0).astype(np.uint8)

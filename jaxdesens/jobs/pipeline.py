@@ -37,28 +37,29 @@ from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet, load_dataset, make_synthetic, scan_identity_folder
 from jaxdesens.data.splits import held_out_indices
 from jaxdesens.data.synthetic import SyntheticConfig
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.paths import is_inside
 from jaxdesens.workdir import write_json_atomic
+
+# What every CPU preset trains with: TrainConfig's defaults where the pipeline agrees with them
+# (64 px and lr 0.01: at 48 px or lr 0.1 the EBP template drifts off the face; README, "Search").
+CPU_TRAIN = TrainConfig(steps=300, holdout=0.2, synthetic_identities=64, synthetic_images_per_identity=10)
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Sizes of every stage; `fsm_points` beyond 3 and `thresholds` add the Table 7/8 ablations."""
+    """Sizes of every stage; `fsm_points` beyond 3 and `thresholds` add the Table 7/8 ablations.
 
-    image_size: int = 48
-    depth: int = 18
-    width: float = 0.25
-    batch_size: int = 64
-    steps: int = 300
-    lr: float = 0.1
-    bf16: bool = False
-    synthetic_identities: int = 64
-    synthetic_images_per_identity: int = 10
+    `train` is the TrainConfig every model of the pipeline starts from (each stage sets its mode,
+    data and seed), so the training settings and their defaults live in one place, `TrainConfig`;
+    its synthetic-set fields also size the synthetic faces written when no --data is given.
+    """
+
+    train: TrainConfig = CPU_TRAIN
     test_share: float = 0.25
-    holdout: float = 0.2
     search_n: int = 256
     K: int = 32
-    T: float = 0.6
+    T: float = 0.5
     batch_images: int = 32
     min_ratio: float = 0.6
     repeats: int = 2
@@ -73,12 +74,14 @@ PRESETS: dict[str, Preset] = {
     # The README's quick start: minutes on a 2-core CPU.
     "cpu": Preset(),
     # The reproduction report (docs/results.md): every table, still CPU-sized.
-    "cpu-full": Preset(steps=400, search_n=512, K=64, repeats=5, baseline_n=100, attack_images=64,
+    "cpu-full": Preset(train=dataclasses.replace(CPU_TRAIN, steps=400), search_n=512, K=64, repeats=5,
+                       baseline_n=100, attack_images=64,
                        attacks="biharmonic,navier-stokes,telea", fsm_points=(1, 2, 3, 4),
                        thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)),
     # The paper's setting on one accelerator.
-    "gpu": Preset(image_size=112, depth=34, width=1.0, batch_size=256, steps=20000, lr=0.01, bf16=True,
-                  search_n=2000, K=64, T=0.5, repeats=5, baseline_n=2000, attack_images=200,
+    "gpu": Preset(train=dataclasses.replace(CPU_TRAIN, image_size=112, depth=34, width=1.0, batch_size=256,
+                                            steps=20000, lr=0.01, bf16=True),
+                  search_n=2000, K=64, repeats=5, baseline_n=2000, attack_images=200,
                   attacks="biharmonic,navier-stokes,telea", fsm_points=(1, 2, 3, 4),
                   thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)),
 }
@@ -124,6 +127,7 @@ def owner_split(job: PipelineJob, root: Path, log: Callable[[str], None]) -> dic
     if _done(marker):
         return json.loads(marker.read_text())
     preset = job.settings
+    train = preset.train
     tmp = root.with_name(root.name + ".partial")
     import shutil
 
@@ -131,8 +135,8 @@ def owner_split(job: PipelineJob, root: Path, log: Callable[[str], None]) -> dic
     (tmp / "train").mkdir(parents=True)
     (tmp / "test").mkdir()
     if job.data is None:
-        dataset = make_synthetic(SyntheticConfig(preset.synthetic_identities, preset.synthetic_images_per_identity,
-                                                 preset.image_size, 3, seed=job.seed))
+        dataset = make_synthetic(SyntheticConfig(train.synthetic_identities, train.synthetic_images_per_identity,
+                                                 train.image_size, 3, seed=job.seed))
         names = dataset.names
         kept, held = held_out_indices(len(names), preset.test_share, job.seed, "synthetic faces")
         _write_identity_folder(dataset, tmp / "train", kept)
@@ -159,7 +163,7 @@ def align_stage(job: PipelineJob, out: Path, log: Callable[[str], None], progres
     job with `out` as its data, so every later stage reads aligned faces."""
     from jaxdesens.align.folder import AlignJob, run_align
 
-    run_align(AlignJob(data=job.data, out=str(out), size=max(112, job.settings.image_size)), progress=progress,
+    run_align(AlignJob(data=job.data, out=str(out), size=max(112, job.settings.train.image_size)), progress=progress,
               log=lambda m: log(f"align: {m}"))
     return dataclasses.replace(job, data=str(out))
 
@@ -183,7 +187,7 @@ def search_stage(out: Path, checkpoint: Path, job: PipelineJob, log: Callable[[s
         return json.loads((out / "summary.json").read_text())
     p = job.settings
     settings = dict(checkpoint=str(checkpoint), out=str(out), n=p.search_n, K=p.K, T=p.T, batch_images=p.batch_images,
-                    min_ratio=p.min_ratio, seed=job.seed, bf16=p.bf16)
+                    min_ratio=p.min_ratio, seed=job.seed, bf16=p.train.bf16)
     settings.update(overrides)
     return run_search_job(SearchJob(**settings), progress=progress, log=lambda m: log(f"{out.name}: {m}"))
 
@@ -201,12 +205,11 @@ def export_stage(out: Path, owner: Path, mask: Path, log: Callable[[str], None],
 
 
 def model_config(job: PipelineJob, model: str, data: Path, **overrides: Any) -> TrainConfig:
-    p = job.settings
-    values = dict(model=model, data=str(data), depth=p.depth, width=p.width, image_size=p.image_size,
-                  batch_size=p.batch_size, steps=p.steps, lr=p.lr, bf16=p.bf16, seed=job.seed, holdout=p.holdout,
-                  log_every=max(1, p.steps // 10), checkpoint_every=max(1, p.steps // 4))
+    train = job.settings.train
+    values = dict(model=model, data=str(data), seed=job.seed, log_every=max(1, train.steps // 10),
+                  checkpoint_every=max(1, train.steps // 4))
     values.update(overrides)
-    return TrainConfig(**values)
+    return dataclasses.replace(train, **values)
 
 
 def situation_one(workdir: Path, test: IdentitySet, mask: np.ndarray) -> float:
@@ -226,7 +229,7 @@ def masked_dssim(test: IdentitySet, mask: np.ndarray) -> float:
     from jaxdesens.metrics.quality import dssim
 
     originals = jnp.asarray(test.images, jnp.float32) / 255.0
-    return float(jnp.mean(dssim(originals * jnp.asarray(mask)[None, :, :, None], originals)))
+    return float(jnp.mean(dssim(apply_mask(originals, jnp.asarray(mask)), originals)))
 
 
 def mask_privacy(test: IdentitySet, mask: np.ndarray, attack_images: int) -> dict[str, float]:
@@ -234,9 +237,9 @@ def mask_privacy(test: IdentitySet, mask: np.ndarray, attack_images: int) -> dic
     from jaxdesens.metrics.attacks import restoration_report
 
     originals = test.images.astype(np.float32) / 255.0
-    attack = restoration_report(originals, originals * mask[None, :, :, None], mask, ("telea",),
+    attack = restoration_report(originals, apply_mask(originals, mask), mask, ("telea",),
                                 max_images=attack_images)
-    return {"ratio": float(1 - mask.mean()), "dssim": masked_dssim(test, mask),
+    return {"ratio": float(mask_ratio(mask)), "dssim": masked_dssim(test, mask),
             "telea_psnr": float(attack["methods"]["telea"]["psnr_mean"])}
 
 
@@ -280,13 +283,14 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
             root / "fsm", model_config(job, "fsm", root / "export"), log, progress)),
         "resnet-mask-levels": stage("level-mask model", lambda: train_stage(
             root / "resnet-mask-levels", model_config(job, "mask", owner / "train"), log, progress))}
-    test = load_dataset(owner / "test", p.image_size)
-    mask = load_mask(mask_file, p.image_size)
+    size = p.train.image_size
+    test = load_dataset(owner / "test", size)
+    mask = load_mask(mask_file, size)
 
     ablations: dict[str, Any] = {}
     no_ebp = stage("no-EBP search", lambda: search_stage(root / "no_ebp", root / "clean", job, log, progress,
                                                        without_ebp=True, evaluate=False))
-    no_ebp_mask = load_mask(root / "no_ebp" / "mask.png", p.image_size)
+    no_ebp_mask = load_mask(root / "no_ebp" / "mask.png", size)
     ablations["ebp"] = {
         "with_ebp": {**mask_privacy(test, mask, p.attack_images),
                      "clean_accuracy": situation_one(root / "clean", test, mask)},
@@ -307,7 +311,7 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         summary = stage(f"search T={t:g}", lambda: search_stage(root / tag / "search", root / "clean", job, log,
                                                                progress, T=t, evaluate=False, adapt_floor=True))
         t_mask_file = root / tag / "search" / "mask.png"
-        t_mask = load_mask(t_mask_file, p.image_size)
+        t_mask = load_mask(t_mask_file, size)
         row = {"template_kept": summary["template_kept"], "ratio": summary["ratio"], "floor": summary["min_ratio"]}
         for model in ("mask", "fsm"):
             stage(f"{model} model T={t:g}", lambda: train_stage(
@@ -378,11 +382,12 @@ def _pct(x: float | None) -> str:
 def render(report: dict[str, Any], evaluation_md: str) -> str:
     """report.md: the pipeline's own findings (split, stages, privacy, ablations), then the evaluation."""
     p, split, ab = report["preset"], report["split"], report["ablations"]
+    t = p["train"]
     lines = ["# jaxdesens pipeline report", "", f"Command: `{report['command']}`", "",
              f"- data: {split['source']}; {split['train_identities']} identities desensitized and handed off, "
              f"{split['test_identities']} kept back as the test set (no model trained on them)",
-             f"- preset `{report['job']['preset']}`: ResNet-{p['depth']} width {p['width']}, {p['image_size']} px, "
-             f"{p['steps']} steps of {p['batch_size']}, lr {p['lr']}; search n={p['search_n']}, K={p['K']}, "
+             f"- preset `{report['job']['preset']}`: ResNet-{t['depth']} width {t['width']}, {t['image_size']} px, "
+             f"{t['steps']} steps of {t['batch_size']}, lr {t['lr']}; search n={p['search_n']}, K={p['K']}, "
              f"T={p['T']}, B={p['batch_images']}, min ratio {p['min_ratio']}", "",
              "## Stages (seconds)", "", "| stage | s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]

@@ -28,6 +28,7 @@ from jaxdesens import figures
 from jaxdesens.data import DataError, IdentitySet, split_identities
 from jaxdesens.masks import freeform, levels
 from jaxdesens.masks.io import save_mask
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.models.functional import fold_batchnorm
 from jaxdesens.paths import check_output_folder
 from jaxdesens.recognizer import Recognizer, load_recognizer
@@ -119,7 +120,7 @@ def same_ratio_random_masks(ratio: float, shape: tuple[int, int], count: int, se
                             ranges: freeform.StrokeRanges) -> np.ndarray:
     """Free-form masks (strokes visible, no template) whose ratio is closest to `ratio`."""
     strokes = np.asarray(freeform.random_strokes(jax.random.key(seed + 7919), 2048, *shape, ranges))
-    ratios = 1.0 - strokes.mean(axis=(1, 2))
+    ratios = mask_ratio(strokes)
     return strokes[np.argsort(np.abs(ratios - ratio))[:count]]
 
 
@@ -136,7 +137,7 @@ def verification_comparison(recognizer: Recognizer, held_out: IdentitySet, best_
         "clean": pair_accuracy(recognizer, held_out.images, pairs)["accuracy"],
         "searched_mask": pair_accuracy(recognizer, held_out.images, pairs, best_mask)["accuracy"],
         "random_same_ratio_mean": float(np.mean(runs)), "random_same_ratio_std": float(np.std(runs)),
-        "random_same_ratio_ratios": [float(1 - m.mean()) for m in random_masks],
+        "random_same_ratio_ratios": mask_ratio(random_masks).tolist(),
         "pairs": int(len(pairs.issame)),
     }
 
@@ -191,10 +192,11 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     log(f"template: K={len(template_idx)} images, T={job.T}: keeps {template.mean():.1%} of the pixels"
         + (" (ignored: --without_ebp)" if job.without_ebp else ""))
     min_ratio = job.min_ratio
-    if job.adapt_floor and 1.0 - template.mean() < min_ratio:
-        min_ratio = 0.9 * (1.0 - float(template.mean()))
-        log(f"the template leaves {1 - template.mean():.0%} to hide: ratio floor lowered to {min_ratio:.2f}")
-    if 1.0 - template.mean() < min_ratio:
+    hideable = float(mask_ratio(template))  # the most any candidate max(strokes, S) can hide
+    if job.adapt_floor and hideable < min_ratio:
+        min_ratio = 0.9 * hideable
+        log(f"the template leaves {hideable:.0%} to hide: ratio floor lowered to {min_ratio:.2f}")
+    if hideable < min_ratio:
         kept = {t: f"{(mean_map > t).mean():.0%}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
         raise ValueError(f"the template at --T={job.T} keeps {template.mean():.0%} of the pixels, so no candidate "
                          f"can hide --min_ratio={job.min_ratio}; raise --T (pixels kept by T: {kept}) "
@@ -225,7 +227,7 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     top_masks = candidates[top] if candidates is not None else candidate_masks(template, np.asarray(top), config)
     faces = train_set.images[score_idx[:3]].astype(np.float32) / 255.0
     grid = [[template if not job.without_ebp else np.ones(size), *faces]]
-    grid += [[m, *(faces * m[None, :, :, None])] for m in top_masks]
+    grid += [[m, *apply_mask(faces, m)] for m in top_masks]
     figures.save_grid(out / "top_masks.png", grid, labels=["mask", "face 1", "face 2", "face 3"])
 
     summary: dict[str, Any] = {"settings": dataclasses.asdict(job), "gamma": gamma, "min_ratio": min_ratio,
