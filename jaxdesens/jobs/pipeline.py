@@ -192,14 +192,17 @@ def search_stage(out: Path, checkpoint: Path, job: PipelineJob, log: Callable[[s
     return run_search_job(SearchJob(**settings), progress=progress, log=lambda m: log(f"{out.name}: {m}"))
 
 
-def export_stage(out: Path, owner: Path, mask: Path, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+def export_stage(out: Path, owner: Path, mask: Path, log: Callable[[str], None], progress: bool,
+                 check_alignment: bool = True) -> dict[str, Any]:
+    """`check_alignment=False` for the built-in synthetic faces: they are drawn on one template."""
     from jaxdesens.desensitize.export import ExportJob, run_export
 
     if _done(out / "manifest.json"):
         log("export: finished earlier, kept")
         return json.loads((out / "privacy_report.json").read_text())
     export = ExportJob(data=str(owner / "train"), out=str(out), key=str(owner / "owner.key"), mask=str(mask),
-                       resume=out.exists(), attack_images=32, owner_log=str(owner / "export.owner-log.json"))
+                       resume=out.exists(), attack_images=32, owner_log=str(owner / "export.owner-log.json"),
+                       check_alignment=check_alignment)
     run_export(export, progress=progress, log=lambda m: log(f"export: {m}"))
     return json.loads((out / "privacy_report.json").read_text())
 
@@ -275,7 +278,8 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
                                                    log, progress))
     search = stage("search", lambda: search_stage(root / "search", root / "clean", job, log, progress))
     mask_file = root / "search" / "mask.png"
-    privacy = stage("export", lambda: export_stage(root / "export", owner, mask_file, log, progress))
+    privacy = stage("export", lambda: export_stage(root / "export", owner, mask_file, log, progress,
+                                                   check_alignment=data_job.data is not None))
     trained = {
         "resnet-mask": stage("mask model", lambda: train_stage(
             root / "resnet-mask", model_config(job, "mask", root / "export"), log, progress)),

@@ -175,6 +175,10 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
         np.save(out / "occlusion.npy", occlusion_map)
         figures.save_grid(out / "occlusion.png", [[rescale01(occlusion_map)]], scale=3)
     mean_map = ebp_map if job.saliency == "ebp" else rescale01(occlusion_map)
+    if not job.without_ebp and mean_map.max() == mean_map.min():
+        raise ValueError(f"the mean {job.saliency} map is constant, so no threshold makes a template: at "
+                         f"{size[0]}x{size[1]} px --saliency_layer={job.saliency_layer} may be a single cell; "
+                         "use a lower layer or larger images")
     saliency_template = threshold_template(mean_map, job.T)
     template = np.zeros(size, np.float32) if job.without_ebp else saliency_template
     save_mask(out / "template", template)
