@@ -194,11 +194,16 @@ def test_manifest_and_privacy_report(exported):
     assert manifest["settings"]["image_size"] == SIZE and manifest["settings"]["channels"] == 3
     assert manifest["settings"]["mask_ratio"] == pytest.approx(1 - mask.mean(), abs=1e-6)
     import hashlib
+    import hmac
 
-    assert manifest["mask"]["sha256"] == hashlib.sha256((out / "mask.png").read_bytes()).hexdigest()
+    salt = bytes.fromhex(manifest["digest"]["salt"])
+    assert manifest["digest"]["algorithm"] == "hmac-sha256" and len(salt) == 16
+    keyed = lambda path: hmac.new(salt, path.read_bytes(), hashlib.sha256).hexdigest()  # noqa: E731
+    assert manifest["mask"]["digest"] == keyed(out / "mask.png")
     for entry in manifest["files"]:
-        assert set(entry) == {"path", "id", "pseudonym", "sha256"}
-        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+        assert set(entry) == {"path", "id", "pseudonym", "digest"}
+        assert entry["digest"] == keyed(out / entry["path"])
+        assert entry["digest"] != hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest()
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["mask_ratio"] == manifest["settings"]["mask_ratio"] and report["images"] == 14
     quality = report["desensitized_vs_original"]
@@ -220,9 +225,17 @@ def test_same_key_same_pseudonyms_other_key_different(metadata_input, exported, 
     first = json.loads((Path(job.out) / "manifest.json").read_text())
     again = json.loads((Path(same["out"]) / "manifest.json").read_text())
     third = json.loads((tmp_path / "other" / "manifest.json").read_text())
-    assert first["files"] == again["files"]
+    assert first["files"] == again["files"] and first["digest"] == again["digest"]
     assert {f["pseudonym"] for f in first["files"]}.isdisjoint(f["pseudonym"] for f in third["files"])
     assert {f["id"] for f in first["files"]}.isdisjoint(f["id"] for f in third["files"])
+    # keyed digests: under another key no file digest, no mask digest, no salt is shared ...
+    digests = lambda m: {f["digest"] for f in m["files"]} | {m["mask"]["digest"], m["digest"]["salt"]}  # noqa: E731
+    assert len(digests(first)) == 14 + 2 and digests(first).isdisjoint(digests(third))
+    # ... while the pixels stay identical (the limit the README states): same PNG bytes, by content
+    content = lambda out: {(Path(out) / f["path"]).read_bytes() for f in json.loads(  # noqa: E731
+        (Path(out) / "manifest.json").read_text())["files"]}
+    assert content(job.out) == content(tmp_path / "other")
+    assert load_dataset(tmp_path / "other", SIZE, 3).num_classes == 3  # the receiver verifies with the salt
     assert len(other_key.read_text().strip()) == 64 and (other_key.stat().st_mode & 0o077) == 0
     assert {f["pseudonym"] for f in first["files"]} == {pseudonym(load_or_create_key(job.key), n) for n in NAMES}
 
@@ -338,7 +351,7 @@ def test_load_dataset_reads_an_export_with_its_mask(small_input, tmp_path):
     # a tampered file or an entry escaping the export is refused
     first = work / "out" / manifest["files"][0]["path"]
     first.write_bytes(first.read_bytes() + b"\0")
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError, match="digest differs"):
         load_dataset(work / "out", SIZE, 3)
     manifest["files"][0]["path"] = "../../etc/passwd"
     (work / "out" / "manifest.json").write_text(json.dumps(manifest))
@@ -354,6 +367,30 @@ def test_load_dataset_reads_an_export_with_its_mask(small_input, tmp_path):
     assert len(list((work / "flat_out" / "images").glob("*.png"))) == 3
     with pytest.raises(DataError, match="flat export"):
         load_dataset(work / "flat_out", SIZE, 3)
+
+
+def test_reader_verifies_format_1_plain_sha256_manifests_and_refuses_a_bad_salt(small_input):
+    """Exports written before keyed digests (format 1: sha256 per file) stay readable and checked."""
+    import hashlib
+
+    root, work = small_input
+    out = work / "old"
+    run_export(export_job(root, out, work / "k", work / "mask.npy", attacks="none"), progress=False, log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    old = {**manifest, "format": "jaxdesens-export/1",
+           "mask": {**manifest["mask"], "sha256": hashlib.sha256((out / "mask.png").read_bytes()).hexdigest()},
+           "files": [{**{k: v for k, v in f.items() if k != "digest"},
+                      "sha256": hashlib.sha256((out / f["path"]).read_bytes()).hexdigest()} for f in manifest["files"]]}
+    del old["digest"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert len(load_dataset(out, SIZE, 3)) == len(NAMES) * 6
+    first = out / old["files"][0]["path"]
+    first.write_bytes(first.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="digest differs"):
+        load_dataset(out, SIZE, 3)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "digest": {"algorithm": "hmac-sha256", "salt": "zz"}}))
+    with pytest.raises(DataError, match="32 hex digits"):
+        load_dataset(out, SIZE, 3)
 
 
 def test_blur_export_has_no_mask_and_reads_as_identity_folder(small_input):

@@ -7,8 +7,9 @@ is decoded, resized and centre-cropped by `load_image` exactly as the training l
 desensitized (`x * m` for a mask; blur or mosaic for the paper's baselines) and written as a
 lossless PNG built from the raw pixel array. Output folder:
 
-  manifest.json          format, tool version, method and settings, mask sha256, counts, and per
-                         file: path, id, pseudonym, sha256 of the PNG. No original names.
+  manifest.json          format, tool version, method and settings, the digest salt, counts, and
+                         per file: path, id, pseudonym, keyed digest of the PNG (HMAC-SHA256
+                         under the salt; the mask's too). No original names.
   mask.png               the mask (255 = visible, 0 = hidden); the FSM receiver needs it
   privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks
   <pseudonym>/<id>.png   identity input (so the export is again an identity folder)
@@ -44,11 +45,20 @@ import numpy as np
 from PIL import Image
 
 from jaxdesens.data.errors import DataError
-from jaxdesens.data.export_reader import FORMAT, MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD
+from jaxdesens.data.export_reader import (
+    DIGEST_ALGORITHM,
+    FORMAT,
+    MANIFEST,
+    MASK_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    keyed_digest,
+    keyed_digest_file,
+)
 from jaxdesens.data.images import load_image
 from jaxdesens.desensitize.files import encode_png
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
-from jaxdesens.desensitize.pseudonyms import PlannedFile, load_or_create_key, plan_export
+from jaxdesens.desensitize.pseudonyms import PlannedFile, digest_salt, load_or_create_key, plan_export
 from jaxdesens.desensitize.report import ATTACKS, attack_report, batch_quality, render_report_md, stats
 from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
@@ -200,13 +210,14 @@ def _refuse_grey_png(path: str) -> None:
                         "binary (255 = visible, 0 = hidden): use the mask launch/search.py wrote, or threshold it")
 
 
-def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None, layout: str,
-              mask_png: bytes | None) -> dict[str, Any]:
+def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None,
+              layout: str) -> dict[str, Any]:
+    """What a resumed export must share with the interrupted one (the key is checked by the ids)."""
     from jaxdesens import __version__
 
     return {"format": FORMAT, "version": __version__, "method": job.method, "layout": layout,
             "image_size": image_size, "channels": job.channels, "size": size,
-            "mask_sha256": hashlib.sha256(mask_png).hexdigest() if mask_png is not None else None,
+            "mask_fingerprint": None if mask is None else mask_io.fingerprint(mask),
             "mask_ratio": None if mask is None else round(float(mask_ratio(mask)), 6)}
 
 
@@ -271,8 +282,10 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         log(f"{len(planning.symlinks)} symlink(s) in --data point outside it and were followed; listed in the owner "
             f"log {owner_log}")
     mask_png = encode_png((mask * 255).astype(np.uint8)) if mask is not None else None
-    settings = _settings(job, mask, image_size, size, layout, mask_png)
-    done, complete = open_output(Path(job.out), job.resume, settings, plan, log)
+    settings = _settings(job, mask, image_size, size, layout)
+    salt = digest_salt(key)
+    done, complete = open_output(Path(job.out), job.resume, settings, plan, log,
+                                 digest=lambda path: keyed_digest_file(salt, path))
     out = Path(job.out)
     if complete:
         log(f"{job.out}: the export is already complete and intact; nothing to do")
@@ -301,7 +314,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         item, pixels = args
         data = encode_png(pixels)
         write_atomic(out / item.rel, data)
-        return hashlib.sha256(data).hexdigest()
+        return keyed_digest(salt, data)
 
     bar = tqdm(total=len(plan), initial=resumed, disable=not progress, unit="file", desc="exporting",
                dynamic_ncols=True)
@@ -327,7 +340,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                 psnrs, dssims = batch_quality(originals, outputs, job.batch)
                 digests = list(pool.map(write, zip(good, outputs)))
                 for i, (item, digest) in enumerate(zip(good, digests)):
-                    entry = {"id": item.id, "pseudonym": item.pseudonym, "path": item.rel, "sha256": digest,
+                    entry = {"id": item.id, "pseudonym": item.pseudonym, "path": item.rel, "digest": digest,
                              "psnr": float(psnrs[i]), "dssim": None if np.isnan(dssims[i]) else float(dssims[i])}
                     journal.write(json.dumps(entry) + "\n")
                     journal.flush()
@@ -345,8 +358,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
 
     exported = sorted(done.values(), key=lambda e: e["path"])
     identities = len({e["pseudonym"] for e in exported if e["pseudonym"]})
-    files = [{k: e[k] for k in ("path", "id", "pseudonym", "sha256")} for e in exported]
-    fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()[:16]
+    files = [{k: e[k] for k in ("path", "id", "pseudonym", "digest")} for e in exported]
+    fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['digest']}\n" for f in files).encode()).hexdigest()[:16]
     report = {
         "format": FORMAT, "version": __version__, "method": job.method, "mask_ratio": settings["mask_ratio"],
         "method_size": size, "image_size": image_size, "channels": job.channels, "images": len(exported),
@@ -366,8 +379,9 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         "format": FORMAT, "tool": "jaxdesens", "version": __version__, "method": job.method, "layout": layout,
         "settings": {"image_size": image_size, "channels": job.channels, "size": size,
                      "mask_ratio": settings["mask_ratio"]},
-        "mask": None if mask is None else {"file": MASK_FILE, "sha256": settings["mask_sha256"],
-                                           "shape": list(mask.shape), "fingerprint": mask_io.fingerprint(mask)},
+        "digest": {"algorithm": DIGEST_ALGORITHM, "salt": salt},
+        "mask": None if mask is None else {"file": MASK_FILE, "digest": keyed_digest(salt, mask_png),
+                                           "shape": list(mask.shape), "fingerprint": settings["mask_fingerprint"]},
         "counts": {"files": len(files), "identities": identities, "skipped_unreadable": len(bad)},
         "fingerprint": fingerprint, "input_fingerprint": input_fingerprint(plan), "files": files,
     }
