@@ -180,7 +180,8 @@ def _percent(value: float | None) -> str:
 
 def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]] = ()) -> str:
     """The audit as Markdown: one row per condition, rank-1 and TAR per attacker, chance beside."""
-    attackers = list(audit["attackers"])
+    # in the order they ran (a JSON round trip may sort the attackers' dict), then any without results
+    attackers = list(dict.fromkeys([r["attacker"] for r in audit["results"]] + list(audit["attackers"])))
     by_key = {(r["attacker"], r["condition"]): r for r in audit["results"]}
     first = audit["results"][0] if audit["results"] else None
     lines = ["## Re-identification audit", ""]
