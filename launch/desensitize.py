@@ -40,6 +40,10 @@ HELP = {
     "batch": "images per batch", "workers": "decode/encode threads (0 = automatic)",
     "check_alignment": "find the faces of 24 sampled images and warn when they do not look aligned (needs the "
                        "faces extra)",
+    "audit": "re-identification audit in the privacy report: dlib, one clean gallery photo per person (numbers only "
+             "in the export; details in the owner log; needs the faces extra, else the report says it did not run)",
+    "audit_probes": "cap on the audit's probes (and people), spread over people (dlib: about 0.1-0.2 s per image per "
+                    "condition on a CPU)",
 }
 
 

