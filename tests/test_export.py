@@ -224,7 +224,7 @@ def test_manifest_and_privacy_report(exported):
     # random pixels are no faces: said, not hidden behind numbers that look like real ones
     assert audit["gallery_faces_detected"] == 0 and "found a face in only 0 of 3" in audit["warnings"][0]
     text = (out / "privacy_report.json").read_text() + (out / "privacy_report.md").read_text()
-    assert "Re-identification by an off-the-shelf face recognizer" in text and "| as exported |" in text
+    assert "Re-identification by dlib's 128-d ResNet face descriptor" in text and "| as exported |" in text
     assert not any(f["pseudonym"] in text or f["id"] in text for f in manifest["files"])
     owner = json.loads(Path(job.owner_log).read_text())["reidentification_audit"]
     assert owner["run"] and [c["name"] for c in owner["audit"]["conditions"]] == [

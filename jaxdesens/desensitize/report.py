@@ -88,7 +88,7 @@ def render_report_md(report: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ re-identification audit
-AUDIT_ATTACKER = "dlib 128-d ResNet face descriptor (off the shelf; nobody here trained it)"
+AUDIT_ATTACKER = "dlib's 128-d ResNet face descriptor, an off-the-shelf face recognizer nobody here trained"
 AUDIT_GALLERY = "one clean photo per person, from the owner's originals (kept by the owner, not in the export)"
 AUDIT_NOT_RUN = ("not run: the off-the-shelf face recognizer (dlib, the `faces` extra) was not installed where the "
                  "export was made")
@@ -155,9 +155,9 @@ def _audit_md(audit: dict[str, Any]) -> list[str]:
     if not audit.get("run"):
         return ["", f"Re-identification audit: {audit.get('note', 'not run')}."]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = ["", f"Re-identification by an off-the-shelf face recognizer ({audit['attacker']}): gallery "
-             f"{audit['gallery']}, {audit['people']} people; {audit['probes']} other photos of them as probes. "
-             f"Chance: rank-1 {pct(audit['rank1_chance'])}, TAR {pct(audit['tar_chance'])}. Lower is more private.",
+    lines = ["", f"Re-identification by {audit['attacker']}. Gallery: {audit['gallery']}, {audit['people']} people; "
+             f"{audit['probes']} other photos of them as probes. Chance: rank-1 {pct(audit['rank1_chance'])}, TAR "
+             f"{pct(audit['tar_chance'])}. Lower is more private.",
              "", f"| probes | rank-1 | TAR at FAR={audit['far']:g} |", "|---|---|---|"]
     label = {"clean": "clean originals (reference)", "export": "as exported"}
     lines += [f"| {label.get(r['probes'], r['probes'].replace('export+', 'as exported, then ') + ' inpainting')} | "

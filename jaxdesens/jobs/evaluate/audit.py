@@ -125,3 +125,37 @@ def audit_lines(results: dict[str, Any]) -> list[str]:
                   "included) against the best verification accuracy any evaluated model reaches on the test pairs "
                   "desensitized that way.", ""]
     return lines
+
+
+def summary(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """For a report that embeds the evaluation (the pipeline's): privacy_utility.png drawn into
+    `out` and, per desensitization, its utility and worst re-identification; JSON-ready."""
+    section = results.get("audit")
+    if section is None:
+        notes = [n for n in results["notes"] if n.startswith("Re-identification audit skipped")]
+        return {"figure": None, "note": notes[0] if notes else "Re-identification audit not run."}
+    figure = write_figure(results, out)
+    audit = section["audit"]
+    return {"figure": figure, "people": section["people"], "probes": audit["probes"],
+            "chance": audit["results"][0]["rank1_chance"],
+            "attackers": list(dict.fromkeys(r["attacker"] for r in audit["results"])),  # in the order they ran
+            "skipped": audit["skipped"], "warnings": audit.get("warnings", []), "points": section["figure"]}
+
+
+def summary_lines(found: dict[str, Any] | None) -> list[str]:
+    """The pipeline report's section on `summary`: who was audited, the points, the figure."""
+    lines = ["## Who can name the people in the export (re-identification audit)", ""]
+    if not found or not found.get("figure"):
+        return lines + [(found or {}).get("note", "Not run."), ""]
+    lines += [f"Audited: {found['people']} people of the export (training identities of the clean model, all of "
+              f"them in the export, which the recipient models trained on); one clean gallery photo each, "
+              f"{found['probes']} probes. Attackers: {', '.join(found['attackers'])}"
+              + "".join(f"; {name} skipped ({reason})" for name, reason in found["skipped"].items())
+              + f". Chance rank-1 {100 * found['chance']:.1f}%. Utility: the best verification accuracy any of the "
+              "pipeline's models reaches on the test identities under that desensitization (Table 4).", "",
+              "| desensitization | utility | worst re-identification (rank-1, restorations included) |",
+              "|---|---:|---:|"]
+    lines += [f"| {p['name']} | {100 * p['utility']:.1f}% | {100 * p['reidentification']:.1f}% |"
+              for p in found["points"]]
+    lines += [""] + [f"**Warning**: {w}." for w in found["warnings"]] + (["" ] if found["warnings"] else [])
+    return lines + ["![privacy against utility](privacy_utility.png)", ""]
