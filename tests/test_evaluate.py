@@ -498,7 +498,8 @@ def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm
     one accuracy 0.02-0.06, per-fold paired differences between models: standard error 0.011-0.016)."""
     out = tmp_path / "eval"
     job = EvaluateJob(checkpoints=(str(att_clean_workdir), str(att_mask_workdir), str(att_fsm_workdir)),
-                      mask=str(att_searched_mask), out=str(out), repeats=2, baseline_n=32, attack_images=40)
+                      mask=str(att_searched_mask), out=str(out), repeats=2, baseline_n=32, attack_images=40,
+                      audit_probes=30)
     results = run_evaluate_job(job, progress=False, log=lambda _: None)
     assert results["data"]["identities"] == 10 and results["data"]["images"] == 100
     assert results["table3"]["ratio"] == pytest.approx(hidden_share(np.asarray(Image.open(att_searched_mask))))
@@ -526,3 +527,12 @@ def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm
     assert all(_finite(v[c]["accuracy"]) for row in results["table2"]["rows"] for v in row["models"].values()
                for c in ("masked", "inpainted"))
     assert (out / "report.md").exists() and (out / "examples.png").exists()
+    # The audit on the 30 training identities: dlib (a declared test dependency) names clean faces and
+    # loses most of them under the searched mask; the recipients are the mask and FSM models.
+    audit = results["audit"]["audit"]
+    rank1 = {(r["attacker"], r["condition"]): r["rank1"] for r in audit["results"]}
+    print("AT&T evaluate audit", rank1)
+    assert audit["gallery"]["identities"] == 30 and audit["probes"] == 30 and not audit["skipped"]
+    assert set(audit["attackers"]) == {"dlib", "recipient:resnet-mask", "recipient:resnet-fsm"}
+    assert rank1[("dlib", "clean")] >= 0.8 and rank1[("dlib", "mask:searched")] < rank1[("dlib", "clean")] - 0.4
+    assert (out / "privacy_utility.png").exists()

@@ -430,6 +430,25 @@ def test_audit_without_dlib_says_so_in_the_export_and_why_in_the_owner_log(small
     assert any(m.startswith("warning: the privacy report has no re-identification audit") for m in messages)
 
 
+def test_audit_probes_each_export_method_as_exported(monkeypatch):
+    """The audit's desensitization is the export's own: its mask (with inpainting), or its blur or mosaic size."""
+    from jaxdesens.desensitize import report as report_module
+    from jaxdesens.privacy import audit_job, dlib_face
+
+    calls = []
+    monkeypatch.setattr(dlib_face, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(audit_job, "audit_faces",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or ({"audit": {}}, []))
+    monkeypatch.setattr(report_module, "public_audit", lambda audit: {})
+    images, labels, mask = np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 0, 1, 1]), np.ones((8, 8), np.float32)
+    for method, size in (("mask", None), ("blur", 5), ("mosaic", 3)):
+        report_module.reidentification_report(images, labels, method, mask if method == "mask" else None, size,
+                                              ("telea",), 7, False, quiet)
+    picked = [(set(a[2]), k["blur"], k["mosaic"], k["classical"], k["max_probes"], k["attackers"]) for a, k in calls]
+    assert picked == [({"export"}, (), (), ("telea",), 7, ("dlib",)), (set(), (5,), (), (), 7, ("dlib",)),
+                      (set(), (), (3,), (), 7, ("dlib",))]
+
+
 def test_audit_sample_spreads_a_cap_over_people_and_bounds_the_files_read():
     from jaxdesens.desensitize.report import audit_sample
 
@@ -497,6 +516,13 @@ def test_att_export_all_400_faces(att_dir, tmp_path):
     assert set(report["attacks"]["methods"]) == {"biharmonic", "navier-stokes", "telea"}
     dataset = load_dataset(tmp_path / "att", 48, 1)
     assert dataset.num_classes == 40 and len(dataset) == 400 and dataset.mask.shape == (48, 48)
+    # the re-identification audit: all 40 people in the gallery, one probe each (the cap)
+    audit = report["reidentification"]
+    rank1 = {r["probes"]: r["rank1"] for r in audit["results"]}
+    print("AT&T export audit", audit["gallery_faces_detected"], rank1)
+    assert audit["people"] == 40 and audit["probes"] == 40 and audit["rank1_chance"] == pytest.approx(1 / 40)
+    assert audit["gallery_faces_detected"] >= 36 and not audit["warnings"]
+    assert rank1["clean"] >= 0.85 and rank1["export"] < rank1["clean"] - 0.3
 
 
 # ------------------------------------------------------------------ bad inputs (adversarial audit)
