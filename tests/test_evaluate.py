@@ -527,12 +527,15 @@ def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm
     assert all(_finite(v[c]["accuracy"]) for row in results["table2"]["rows"] for v in row["models"].values()
                for c in ("masked", "inpainted"))
     assert (out / "report.md").exists() and (out / "examples.png").exists()
-    # The audit on the 30 training identities: dlib (a declared test dependency) names clean faces and
-    # loses most of them under the searched mask; the recipients are the mask and FSM models.
+    # The audit on the 30 training identities, 30 probes (chance 3.3%): dlib (a declared test dependency)
+    # names clean faces and loses them under the searched mask (measured 100% and 3.3%); the recipient's
+    # own models, trained on masked faces, still name masked probes far above chance and above dlib
+    # (measured 30% resnet-mask, 23% resnet-fsm): the insider is the stronger attacker.
     audit = results["audit"]["audit"]
     rank1 = {(r["attacker"], r["condition"]): r["rank1"] for r in audit["results"]}
-    print("AT&T evaluate audit", rank1)
     assert audit["gallery"]["identities"] == 30 and audit["probes"] == 30 and not audit["skipped"]
     assert set(audit["attackers"]) == {"dlib", "recipient:resnet-mask", "recipient:resnet-fsm"}
     assert rank1[("dlib", "clean")] >= 0.8 and rank1[("dlib", "mask:searched")] < rank1[("dlib", "clean")] - 0.4
+    insider = max(rank1[(f"recipient:{m}", "mask:searched")] for m in ("resnet-mask", "resnet-fsm"))
+    assert insider > 0.1 and insider > rank1[("dlib", "mask:searched")] + 0.1
     assert (out / "privacy_utility.png").exists()
