@@ -71,6 +71,18 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert row["dssim"] == pytest.approx(reference_dssim(test_faces, load_mask(threshold_mask)), abs=1e-5)
     evaluation = json.loads((root / "evaluate" / "results.json").read_text())
     assert evaluation["table3"]["ratio"] == pytest.approx(share)
+    # the audit: the evaluation's, on the export's people, drawn into the workdir; dlib (a declared test
+    # dependency) finds no face in these small synthetic faces, and the report says so
+    audit = report["privacy_audit"]
+    assert [p["name"] for p in audit["points"]] == ["clean", "mask:searched", "blur:3", "blur:5", "mosaic:2",
+                                                   "mosaic:5"]
+    assert audit["attackers"] == ["dlib", "recipient:resnet-mask-levels", "recipient:resnet-mask",
+                                  "recipient:resnet-fsm"]
+    assert audit["probes"] == 8 and audit["people"] == evaluation["audit"]["people"] >= 8
+    assert (root / "privacy_utility.png").stat().st_size > 1000 and "## Who can name the people" in text
+    assert any("dlib found a face in only" in w for w in audit["warnings"]) == (
+        evaluation["audit"]["audit"]["attackers"]["dlib"]["gallery_faces_detected"] < audit["people"])
+    assert json.loads((root / "export" / "privacy_report.json").read_text())["reidentification"]["run"] is False
 
     messages.clear()
     again = run_pipeline(job, progress=False, log=messages.append)

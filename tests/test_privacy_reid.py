@@ -181,3 +181,30 @@ def test_markdown_lists_skipped_attackers_with_their_reason_and_figure_points(tm
     with pytest.raises(ValueError, match="insider"):
         privacy_utility_figure(audit, {"clean": {"accuracy": 0.9, "attackers": ["insider"]}}, tmp_path / "g.png")
     json.dumps(audit)  # JSON-ready
+
+
+def test_probe_cap_spreads_over_identities_and_keeps_probes_out_of_the_gallery():
+    from jaxdesens.privacy.audit_job import probe_subset
+
+    labels = np.repeat(np.arange(5), [6, 6, 2, 6, 1])
+    gallery, probes = gallery_split(labels, 1, seed=0)
+    chosen = probe_subset(labels, probes, total=7)
+    # round-robin: the four people with probes get one each, then three get a second; never a gallery photo
+    assert len(chosen) == 7 and sorted(np.bincount(labels[chosen], minlength=5).tolist()) == [0, 1, 2, 2, 2]
+    assert not set(chosen) & set(gallery) and set(chosen) <= set(probes)
+    assert np.array_equal(probe_subset(labels, probes), probes) and len(probe_subset(labels, probes, total=99)) == 16
+    assert np.bincount(labels[probe_subset(labels, probes, per_identity=2)], minlength=5).tolist() == [2, 2, 1, 2, 0]
+
+
+def test_an_attacker_that_found_no_face_in_the_gallery_is_flagged():
+    class _Blind(PixelAttacker):
+        name = "blind-dlib"
+
+        def embed_gallery(self, images):
+            self.notes = {"gallery_faces_detected": 0, "gallery_images": len(images)}
+            return super().embed_gallery(images)
+
+    images, labels = _identity_images()
+    audit = _audit(images, labels, lambda p: [Condition("clean", None, p)], [PixelAttacker(), _Blind()])
+    assert len(audit["warnings"]) == 1 and audit["warnings"][0].startswith("blind-dlib found a face in only 0 of")
+    assert "**Warning**: blind-dlib found a face in only 0 of" in audit_markdown(audit)

@@ -202,7 +202,8 @@ def export_stage(out: Path, owner: Path, mask: Path, log: Callable[[str], None],
         return json.loads((out / "privacy_report.json").read_text())
     export = ExportJob(data=str(owner / "train"), out=str(out), key=str(owner / "owner.key"), mask=str(mask),
                        resume=out.exists(), attack_images=32, owner_log=str(owner / "export.owner-log.json"),
-                       check_alignment=check_alignment)
+                       check_alignment=check_alignment,
+                       audit=False)  # dlib runs once, in the evaluate stage's audit (with the recipient models)
     run_export(export, progress=progress, log=lambda m: log(f"export: {m}"))
     return json.loads((out / "privacy_report.json").read_text())
 
@@ -329,23 +330,35 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         checkpoints=tuple(str(root / name) for name in ("clean", "resnet-mask-levels", "resnet-mask", "fsm")),
         mask=str(mask_file),
         out=str(root / "evaluate"), data=str(owner / "train"), test_data=str(owner / "test"), repeats=p.repeats,
-        baseline_n=p.baseline_n, attack_images=p.attack_images, attacks=p.attacks, seed=job.seed)
+        baseline_n=p.baseline_n, attack_images=p.attack_images, attacks=p.attacks, seed=job.seed,
+        audit_probes=p.attack_images)
     if _done(root / "evaluate" / "report.md"):
         log("evaluate: finished earlier, kept")
     else:
         stage("evaluate", lambda: run_evaluate_job(evaluate_job, progress=progress,
                                                    log=lambda m: log(f"evaluate: {m}")))
+    audit = privacy_audit(root)
 
     report = {"command": command or shlex.join(["python", "launch/pipeline.py"]), "job": dataclasses.asdict(job),
               "preset": dataclasses.asdict(p), "split": split, "training": {"clean": clean, **trained},
               "search": {k: search[k] for k in ("objective", "ce", "ratio", "template_kept", "masks_per_s")
                          if k in search},
               "faithfulness": {k: v for k, v in search.get("faithfulness", {}).items() if not k.endswith("_curve")},
-              "privacy": privacy, "ablations": ablations, "seconds": timings}
+              "privacy": privacy, "privacy_audit": audit, "ablations": ablations, "seconds": timings}
     write_json_atomic(root / "report.json", report)
     (root / "report.md").write_text(render(report, (root / "evaluate" / "report.md").read_text()))
 
     return report
+
+
+def privacy_audit(root: Path) -> dict[str, Any]:
+    """The evaluation's re-identification audit, drawn as WORKDIR/privacy_utility.png; its points for
+    the report. The audited people are the export's (the clean model's training identities): whose
+    privacy is at stake, and those the recipient models trained on (the strongest insider); the
+    test identities are in no export. Timed inside the evaluate stage (its results' seconds)."""
+    from jaxdesens.jobs.evaluate.audit import summary
+
+    return summary(json.loads((root / "evaluate" / "results.json").read_text()), root)
 
 
 def privacy_lines(privacy: dict[str, Any]) -> list[str]:
@@ -385,6 +398,8 @@ def _pct(x: float | None) -> str:
 
 def render(report: dict[str, Any], evaluation_md: str) -> str:
     """report.md: the pipeline's own findings (split, stages, privacy, ablations), then the evaluation."""
+    from jaxdesens.jobs.evaluate.audit import summary_lines
+
     p, split, ab = report["preset"], report["split"], report["ablations"]
     t = p["train"]
     lines = ["# jaxdesens pipeline report", "", f"Command: `{report['command']}`", "",
@@ -399,7 +414,7 @@ def render(report: dict[str, Any], evaluation_md: str) -> str:
     lines += ["", "## Searched mask", "",
               f"Objective {s['objective']:.3f} (CE {s['ce']:.3f}), hides {_pct(s['ratio'])}; the template keeps "
               f"{_pct(s['template_kept'])}.", "", *faithfulness_lines(report["faithfulness"]),
-              *privacy_lines(report["privacy"]), "",
+              *privacy_lines(report["privacy"]), "", *summary_lines(report.get("privacy_audit")),
               "## Ablation: search without EBP (paper Table 6)", "",
               "| mask | ratio | clean-model accuracy (Situation 1) | dSSIM | PSNR after Telea |",
               "|---|---:|---:|---:|---:|"]

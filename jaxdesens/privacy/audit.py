@@ -148,6 +148,7 @@ def reidentification_audit(
             bar.update(1)
     bar.close()
     return {
+        "warnings": attacker_warnings(described),
         "far": far,
         "gallery": {"images": int(len(gallery_labels)), "identities": int(len(np.unique(gallery_labels)))},
         "probes": int(len(probe_labels)),
@@ -160,13 +161,27 @@ def reidentification_audit(
     }
 
 
+def attacker_warnings(attackers: dict[str, dict[str, Any]]) -> list[str]:
+    """Attackers whose numbers mean less than they seem: a face recognizer that found no face in
+    some clean gallery photos (synthetic or very small faces) described the whole frame instead."""
+    warnings = []
+    for name, notes in attackers.items():
+        found, total = notes.get("gallery_faces_detected"), notes.get("gallery_images")
+        if found is not None and total and found < total:
+            warnings.append(f"{name} found a face in only {found} of {total} clean gallery photos; where it found "
+                            "none it described the whole frame with guessed landmarks, so its numbers on these images "
+                            "say little about real photos")
+    return warnings
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]] = ()) -> str:
     """The audit as Markdown: one row per condition, rank-1 and TAR per attacker, chance beside."""
-    attackers = list(audit["attackers"])
+    # in the order they ran (a JSON round trip may sort the attackers' dict), then any without results
+    attackers = list(dict.fromkeys([r["attacker"] for r in audit["results"]] + list(audit["attackers"])))
     by_key = {(r["attacker"], r["condition"]): r for r in audit["results"]}
     first = audit["results"][0] if audit["results"] else None
     lines = ["## Re-identification audit", ""]
@@ -189,6 +204,8 @@ def audit_markdown(audit: dict[str, Any], restorations: Sequence[dict[str, Any]]
                      + " | ".join(cells) + " |")
     for name, reason in audit["skipped"].items():
         lines += ["", f"**Attacker {name} skipped**: {reason}"]
+    for warning in audit.get("warnings", []):
+        lines += ["", f"**Warning**: {warning}."]
     for name, notes in audit["attackers"].items():
         extra = {k: v for k, v in notes.items() if k != "metric"}
         if extra:

@@ -28,7 +28,6 @@ from jaxdesens.privacy import dlib_face
 from jaxdesens.privacy.attackers import Attacker, PixelAttacker, RecognizerAttacker
 from jaxdesens.privacy.audit import Condition, audit_markdown, desensitization_conditions, reidentification_audit
 from jaxdesens.privacy.reid import gallery_split
-from jaxdesens.recognizer import load_recognizer
 from jaxdesens.workdir import write_json_atomic
 
 ASSUMPTIONS = {
@@ -108,12 +107,19 @@ def _faces(config: AuditConfig, progress: bool):
     return dataset
 
 
-def _probe_subset(labels: np.ndarray, probes: np.ndarray, per_identity: int) -> np.ndarray:
-    """The first `per_identity` probes of each identity (all with 0): fewer descriptors for a quick audit."""
-    if per_identity <= 0:
-        return probes
-    return np.sort(np.concatenate([probes[labels[probes] == label][:per_identity]
-                                   for label in np.unique(labels[probes])]))
+def probe_subset(labels: np.ndarray, probes: np.ndarray, per_identity: int = 0, total: int = 0) -> np.ndarray:
+    """The first `per_identity` probes of each identity (all with 0), then at most `total` of them
+    (all with 0) taken round-robin over identities (every person's first probe, then every
+    second...), so a cap spreads over people: fewer descriptors for a quick audit."""
+    labels, probes = np.asarray(labels), np.asarray(probes)
+    rank = np.zeros(len(probes), np.int64)
+    for label in np.unique(labels[probes]):
+        members = np.flatnonzero(labels[probes] == label)
+        rank[members] = np.arange(len(members))
+    keep = rank < per_identity if per_identity > 0 else np.ones(len(probes), bool)
+    order = np.lexsort((labels[probes][keep], rank[keep]))
+    chosen = probes[keep][order]
+    return np.sort(chosen[:total] if total > 0 else chosen)
 
 
 def _masks(config: AuditConfig) -> dict[str, np.ndarray]:
@@ -153,17 +159,19 @@ def audit_faces(images: np.ndarray, labels: np.ndarray, masks: dict[str, np.ndar
                 attackers: Sequence[str] = ("dlib",), extra_attackers: Sequence[Attacker] = (),
                 blur: Sequence[int] = (), mosaic: Sequence[int] = (), classical: Sequence[str] = ATTACK_METHODS,
                 restore: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, every_restoration: bool = False,
-                gallery_per_identity: int = 1, probes_per_identity: int = 0, far: float = 1e-3, seed: int = 0,
-                progress: bool = False, log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[Condition]]:
+                gallery_per_identity: int = 1, probes_per_identity: int = 0, max_probes: int = 0, far: float = 1e-3,
+                seed: int = 0, progress: bool = False,
+                log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[Condition]]:
     """The whole audit of an in-memory identity set (NHWC uint8 or [0, 1] images, integer labels):
     `({"audit", "restorations"}, conditions)`. What a report calls; `extra_attackers` are e.g.
     `RecognizerAttacker`s of models it already holds. Off-the-shelf attackers that cannot run are
-    listed in `audit["skipped"]` with the reason; with no attacker at all it raises DataError."""
+    listed in `audit["skipped"]` with the reason; with no attacker at all it raises DataError.
+    `max_probes` caps the probes (0 = all), spread over identities (`probe_subset`)."""
     images = np.asarray(images)
     images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
     labels = np.asarray(labels)
     gallery, probes = gallery_split(labels, gallery_per_identity, seed=seed)
-    probes = _probe_subset(labels, probes, probes_per_identity)
+    probes = probe_subset(labels, probes, probes_per_identity, max_probes)
     if probes.size == 0:
         raise DataError(f"no identity has more than {gallery_per_identity} image(s); nothing is left to probe with")
     ready, unavailable = off_the_shelf(attackers, log)
@@ -210,6 +218,8 @@ def run_audit(config: AuditConfig, progress: bool = True, log: Callable[[str], N
         from jaxdesens.privacy.restorer_train import load_restorer
 
         restore = load_restorer(config.restorer).restore
+    from jaxdesens.recognizer import load_recognizer  # here: it pulls in the input pipeline, which exports do not need
+
     recipients = [RecognizerAttacker(load_recognizer(w), name=f"recipient:{Path(w).name}") for w in config.recognizers]
     found, conditions = audit_faces(
         faces.images, faces.labels, masks, attackers=config.attackers, extra_attackers=recipients, blur=blur,
