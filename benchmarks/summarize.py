@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -61,4 +61,10 @@ def main(directory: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="folder of benchmark JSON files (one run); "
+                        "summary.json is written into it")
+    folder = parser.parse_args().results_dir
+    if not Path(folder).is_dir():
+        parser.error(f"RESULTS_DIR={folder}: no such folder")
+    main(folder)

@@ -18,7 +18,8 @@ from jaxdesens import parallel
 from jaxdesens.config import TrainConfig
 from jaxdesens.masks.levels import make_level_bank
 from jaxdesens.recognizer import _embed_fn
-from jaxdesens.train import MaskSource, build_model, compile_train_step, create_train_state
+from jaxdesens.state import build_model, create_train_state
+from jaxdesens.train import MaskSource, compile_train_step
 
 
 def main() -> None:

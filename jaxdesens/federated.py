@@ -68,18 +68,8 @@ from jax.sharding import PartitionSpec as P
 from jaxdesens.config import TrainConfig
 from jaxdesens.data import DataError, IdentitySet, split_identities
 from jaxdesens.recognizer import Recognizer
-from jaxdesens.train import (
-    MaskSource,
-    TrainState,
-    build_model,
-    create_train_state,
-    load_data,
-    lr_schedule,
-    make_optimizer,
-    mask_fingerprint,
-    mask_source_for,
-    train_step,
-)
+from jaxdesens.state import TrainState, build_model, initial_local_state, initial_variables, lr_schedule, make_optimizer
+from jaxdesens.train import MaskSource, load_data, mask_fingerprint, mask_source_for, train_step
 from jaxdesens.workdir import RunDirectory, write_json_atomic
 
 CLIENT_AXIS = "clients"
@@ -178,11 +168,6 @@ def client_keys(step_key: jax.Array, clients: int | range | list[int]) -> jax.Ar
     """Each client's base mask key (step s of client c uses fold_in(fold_in(step_key, c), s))."""
     indices = range(clients) if isinstance(clients, int) else clients
     return jnp.stack([jax.random.fold_in(step_key, c) for c in indices])
-
-
-def initial_local_state(global_vars: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:
-    """A client's state before its first round: the global statistics and a fresh optimizer."""
-    return {"batch_stats": global_vars["batch_stats"], "opt_state": tx.init(global_vars["params"])}
 
 
 def client_update(global_vars: dict[str, Any], local: dict[str, Any], batches: dict[str, jax.Array],
@@ -338,14 +323,6 @@ class Setup:
                 f"client optimizer={self.fed.client_optimizer}; engine {engine}; masks: {self.mask_note}")
 
 
-def initial_variables(config: TrainConfig, model, key: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
-    """`create_train_state`'s initial params and statistics, jitted (eager init is slow on CPU)."""
-    def init(key):
-        state = create_train_state(config, model, key, image_shape)
-        return {"params": state.params, "batch_stats": state.batch_stats}
-    return jax.jit(init)(key)
-
-
 def prepare(config: TrainConfig, fed: FederatedConfig, progress: bool = False) -> Setup:
     dataset = load_data(config, progress=progress)
     train_set, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
@@ -373,36 +350,6 @@ def checkpoint_template(setup: Setup, engine: str) -> dict[str, Any]:
         template["clients"] = jax.tree.map(lambda x: jnp.broadcast_to(x, (setup.fed.clients, *x.shape)), local)
     # on one device: a checkpoint saved on another device count restores here, then goes to the mesh
     return jax.device_put(template, jax.devices()[0])
-
-
-def load_global(workdir: str | Path, round_index: int | None = None) -> tuple[Recognizer, int]:
-    """The global model of a federated workdir after `round_index` (default: the last saved round)."""
-    import orbax.checkpoint as ocp
-
-    path = Path(workdir)
-    record_path = path / "run.json"
-    if not record_path.exists() or "federated" not in json.loads(record_path.read_text()):
-        raise DataError(f"{path}: not a federated workdir (no run.json with federated settings)")
-    record = json.loads(record_path.read_text())
-    config = TrainConfig.from_json(record["config"])
-    fed = FederatedConfig(**record["federated"])
-    model = build_model(config, record["num_classes"])
-    image_shape = (config.image_size, config.image_size, config.channels)
-    global_vars = jax.eval_shape(functools.partial(initial_variables, config, model, image_shape=image_shape),
-                                 jax.random.key(0))
-    template = {"global": global_vars}
-    if record["engine"] == "simulation":
-        local = jax.eval_shape(functools.partial(initial_local_state, tx=make_optimizer(config)), global_vars)
-        stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((fed.clients, *x.shape), x.dtype), local)
-        template["clients"] = stacked
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), template)
-    run = RunDirectory(path)
-    round_index = run.manager.latest_step() if round_index is None else round_index
-    if round_index is None or round_index not in run.manager.all_steps():
-        raise DataError(f"{path}: no checkpoint for round {round_index} (have {sorted(run.manager.all_steps())})")
-    restored = run.manager.restore(round_index, args=ocp.args.StandardRestore(template))
-    return Recognizer(model, restored["global"], config), round_index
 
 
 # ------------------------------------------------------------------------------- per-round record

@@ -51,7 +51,7 @@ import numpy as np
 from jaxdesens import federated, parallel
 from jaxdesens.config import TrainConfig
 from jaxdesens.data import DataError, IdentitySet
-from jaxdesens.train import make_optimizer
+from jaxdesens.state import make_optimizer
 from jaxdesens.workdir import RunDirectory
 
 DEFAULT_SERVER_ADDRESS = "0.0.0.0:8080"
@@ -257,7 +257,8 @@ class ClientLogic:
     def _own_data(self, identities: list[str]) -> None:
         """--partition=-1: all of --data is this client's; its identity folders are mapped by name
         onto the server's training label space (folders the server does not train on are skipped)."""
-        from jaxdesens.train import build_model, load_data, mask_source_for
+        from jaxdesens.state import build_model
+        from jaxdesens.train import load_data, mask_source_for
 
         dataset = load_data(self.config)
         index = {name: i for i, name in enumerate(identities)}

@@ -1,9 +1,13 @@
-"""Path checks shared by every command that writes next to its inputs."""
+"""Path checks and atomic writes shared by every command that writes next to its inputs."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def is_inside(path: str | Path, folder: str | Path) -> bool:
@@ -25,3 +29,22 @@ def check_output_folder(out: str | Path, inputs: dict[str, str | Path | None],
         if resolved == Path(workdir).resolve():
             raise ValueError(f"--out={out} is the checkpoint workdir {workdir}; choose another folder")
     return resolved
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Writes `.<name>.<random>.tmp` beside `path`, then renames it into place: a killed run
+    leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, values: Any, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode(), mode)

@@ -35,6 +35,7 @@ from jax import lax
 
 from jaxdesens import parallel
 from jaxdesens.masks import freeform
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.models.functional import Folded, forward
 
 
@@ -60,14 +61,14 @@ class SearchConfig:
 
 
 def _objective_terms(folded: Folded, images: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    logits = forward(folded, images * mask[None, :, :, None].astype(images.dtype))
+    logits = forward(folded, apply_mask(images, mask))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 @jax.jit
 def mask_ratios(masks: jax.Array) -> jax.Array:
     """Hidden share of each mask `(M, H, W)`: `1 - mean(m)`."""
-    return 1.0 - jnp.mean(masks.astype(jnp.float32), axis=(1, 2))
+    return mask_ratio(masks)
 
 
 @jax.jit

@@ -1,4 +1,5 @@
-"""Training: state, optimiser and schedule, the jitted data-parallel step, and the resumable loop.
+"""Training: where a step's masks come from, the jitted data-parallel step, and the resumable loop
+(the state, optimiser and schedule a checkpoint holds are in `state.py`).
 
 `train_and_evaluate(config, workdir)` is the whole job: it reads the data, splits identities
 into training and held-out sets, trains with checkpoints in `workdir`, and ends with a 10-fold
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
 from jaxdesens import parallel
 from jaxdesens.config import TrainConfig
@@ -27,13 +27,11 @@ from jaxdesens.data import IdentitySet, SyntheticConfig, load_dataset, split_ide
 from jaxdesens.data.pipeline import ArraySource, train_batches
 from jaxdesens.masks import io as mask_io
 from jaxdesens.masks import levels
+from jaxdesens.masks.ops import mask_ratio
 from jaxdesens.models import ResNet
-from jaxdesens.recognizer import Recognizer
+from jaxdesens.recognizer import Recognizer, network_inputs
+from jaxdesens.state import TrainState, build_model, create_train_state, lr_schedule
 from jaxdesens.workdir import MetricsLog, RunDirectory
-
-
-class TrainState(train_state.TrainState):
-    batch_stats: Any
 
 
 @flax.struct.dataclass
@@ -53,46 +51,17 @@ class MaskSource:
         return None
 
 
-def build_model(config: TrainConfig, num_classes: int) -> ResNet:
-    return ResNet(depth=config.depth, num_classes=num_classes, width=config.width,
-                  dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
-                  fsm_after=config.fsm_after if config.model == "fsm" else None)
-
-
-def lr_schedule(config: TrainConfig) -> optax.Schedule:
-    """The paper's schedule: `lr`, divided by 10 at 50%, 70% and 90% of the steps."""
-    boundaries = {max(1, int(config.steps * f)): 0.1 for f in (0.5, 0.7, 0.9)}
-    return optax.piecewise_constant_schedule(config.lr, boundaries)
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """SGD with momentum 0.9 and weight decay on convolution and dense kernels only."""
-    decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-                       optax.sgd(lr_schedule(config), momentum=config.momentum))
-
-
-def create_train_state(config: TrainConfig, model: ResNet, key: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    mask = jnp.ones((1, *image_shape[:2], 1), jnp.float32) if model.fsm_after else None
-    variables = model.init(key, images, mask, train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=make_optimizer(config))
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], masks: MaskSource, base_key: jax.Array,
                *, use_fsm: bool, schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; the masks of step `s` depend only on (seed, s)."""
     images = batch["image"].astype(jnp.float32) / 255.0
     labels = batch["label"]
     mask = masks.sample(jax.random.fold_in(base_key, state.step), images.shape[0])
-    if mask is not None:
-        images = images * mask
+    images, fsm_mask = network_inputs(images, mask, use_fsm)
 
     def loss_fn(params):
         (logits, _), updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                                              mask if use_fsm else None, train=True, mutable=["batch_stats"])
+                                              fsm_mask, train=True, mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, (updates["batch_stats"], logits)
 
@@ -115,9 +84,9 @@ def mask_source_for(config: TrainConfig, dataset: IdentitySet, key: jax.Array) -
         return MaskSource(), "clean images"
     if config.mask is not None:
         mask = mask_io.load_mask(config.mask, size)
-        return MaskSource(fixed=jnp.asarray(mask)), f"fixed mask {config.mask} (ratio {1 - mask.mean():.3f})"
+        return MaskSource(fixed=jnp.asarray(mask)), f"fixed mask {config.mask} (ratio {mask_ratio(mask):.3f})"
     if dataset.mask is not None:
-        return MaskSource(fixed=jnp.asarray(dataset.mask)), f"the export's mask (ratio {1 - dataset.mask.mean():.3f})"
+        return MaskSource(fixed=jnp.asarray(dataset.mask)), f"the export's mask (ratio {mask_ratio(dataset.mask):.3f})"
     bank = levels.make_level_bank(key, size, size, config.level_bank_size)
     return (MaskSource(bank=jnp.asarray(bank)),
             f"random hole-ratio-level masks ({bank.shape[0]} levels x {bank.shape[1]}); no --mask given")

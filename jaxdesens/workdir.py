@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxdesens.config import TrainConfig, config_differences
+from jaxdesens.data.errors import DataError
 
 
 class ResumeError(RuntimeError):
@@ -37,6 +39,11 @@ def write_json_atomic(path: Path, values: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def _to_builtin(value: Any) -> Any:
@@ -64,7 +71,7 @@ class RunDirectory:
         record = {"config": config.to_json(), **identity}
         stored_path = self.path / "run.json"
         if stored_path.exists():
-            stored = json.loads(stored_path.read_text())
+            stored = self.read_record()
             diffs = config_differences(stored.get("config", {}), record["config"], ignore=TrainConfig.RESUMABLE_FIELDS)
             diffs += config_differences({k: v for k, v in stored.items() if k != "config"},
                                         {k: v for k, v in record.items() if k != "config"})
@@ -73,13 +80,62 @@ class RunDirectory:
                                   "settings. Differences (stored -> now):\n  " + "\n  ".join(diffs))
         write_json_atomic(stored_path, record)
 
-    def restore_or(self, state: Any) -> Any:
-        """The latest checkpoint restored into `state`'s structure, or `state` itself."""
-        step = self.manager.latest_step()
-        if step is None:
-            return state
+    def read_record(self) -> dict[str, Any]:
+        """run.json, or a one-line error naming it when missing, truncated or not a record."""
+        path = self.path / "run.json"
+        if not path.is_file():
+            raise DataError(f"{self.path}: not a training workdir (no run.json); pass the --workdir of "
+                            "launch/train.py or launch/federated.py")
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: unreadable run record ({err}); the file is truncated or damaged: restore it "
+                            "or train again in a new --workdir") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: not a run record (a JSON object with the run's config)")
+        return record
+
+    def checkpoint_folder(self, step: int) -> Path:
+        return self.path / "checkpoints" / str(step)
+
+    def _restore(self, step: int, state: Any) -> Any:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def restore_or(self, state: Any, log: Callable[[str], None] = print) -> Any:
+        """The newest restorable checkpoint in `state`'s structure, or `state` itself (for resuming).
+
+        A newest checkpoint that cannot be restored (a damaged disk, a copy cut short) is moved to
+        `broken-checkpoints/` with a warning naming it, and the previous one is used: training
+        redoes the steps after it. Nothing is deleted.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore(step, state)
+            except Exception as err:  # Orbax/TensorStore raise many types for damaged files
+                aside = self.path / "broken-checkpoints" / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(self.checkpoint_folder(step), aside)
+                self.manager.reload()
+                log(f"warning: checkpoint step {step} ({self.checkpoint_folder(step)}) cannot be restored "
+                    f"({_first_line(err)}); moved to {aside}; using the previous checkpoint")
+        return state
+
+    def restore_final(self, state: Any, final_step: int) -> Any:
+        """The checkpoint of `final_step` (what evaluation reports), or a one-line error: never an
+        earlier step in its place."""
+        steps = self.manager.all_steps()
+        if final_step not in steps:
+            newest = f"step {max(steps)}" if steps else "none"
+            raise DataError(f"{self.path}: the run was set up for {final_step} steps but its newest checkpoint is "
+                            f"{newest} (training unfinished, or its final checkpoint deleted); finish it with "
+                            f"launch/train.py --workdir={self.path}")
+        try:
+            return self._restore(final_step, state)
+        except Exception as err:  # Orbax/TensorStore raise many types for damaged files
+            raise DataError(f"{self.checkpoint_folder(final_step)}: the final checkpoint cannot be restored "
+                            f"({_first_line(err)}); move it away and rerun launch/train.py --workdir={self.path} to "
+                            "redo the last steps from the previous checkpoint") from err
 
     def save(self, step: int, state: Any) -> None:
         self.manager.save(step, args=ocp.args.StandardSave(state))

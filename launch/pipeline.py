@@ -1,11 +1,12 @@
 """From an image set to recognizers trained on its desensitized copy, with one report.
 
-    python launch/pipeline.py [--data=DIR] [--workdir=runs/pipeline] [--preset=cpu|cpu-full|gpu] [--seed=0]
+    python launch/pipeline.py [--data=DIR [--align]] [--workdir=runs/pipeline] [--preset=cpu|cpu-full|gpu] [--seed=0]
 
 Trains the clean model, builds the EBP template, searches the mask, exports the desensitized
 set, trains the mask and FSM models on the export, runs the ablations of the preset and the
 evaluation, and writes WORKDIR/report.md. Every stage keeps its results in the workdir, so a
-rerun resumes and skips finished stages. With no --data it runs on the built-in synthetic faces.
+rerun resumes and skips finished stages. With no --data it runs on the built-in synthetic faces;
+with --align, the photos of --data are aligned onto the face template first (WORKDIR/aligned).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from jaxdesens.jobs.pipeline import PRESETS, PipelineJob
 
 HELP = {"data": "identity folder (one sub-folder per identity); none = the built-in synthetic faces",
         "workdir": "where every stage and the report go (a rerun resumes)",
-        "preset": f"stage sizes: {', '.join(PRESETS)}", "seed": "seed of every stage"}
+        "preset": f"stage sizes: {', '.join(PRESETS)}", "seed": "seed of every stage",
+        "align": "align the photos of --data onto the face template first (launch/align.py; needs the faces "
+                 "extra)"}
 
 
 def main(argv: list[str] | None = None) -> None:

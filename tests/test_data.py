@@ -38,11 +38,17 @@ def test_resize_keeps_centre_of_non_square_image(tmp_path):
 
 
 def test_mixed_formats_and_colour(tmp_path):
-    root = write_identity_folder(tmp_path / "ids", identities=3, per_identity=3)
+    root = write_identity_folder(tmp_path / "ids", identities=3, per_identity=3, size=20)  # grey PNG, JPEG, PGM
+    colour = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(root / "person01" / "0009.png")
     (root / "person00" / "notes.txt").write_text("not an image")
     (root / ".hidden").mkdir()
-    dataset = read_identity_folder(root, image_size=16)
-    assert len(dataset) == 9 and dataset.names == ("person00", "person01", "person02")
+    dataset = read_identity_folder(root, image_size=20)  # the files' own size: no resampling
+    assert len(dataset) == 10 and dataset.names == ("person00", "person01", "person02")
+    in_colour = [i for i, image in enumerate(dataset.images) if not np.array_equal(image[..., 0], image[..., 1])]
+    assert len(in_colour) == 1  # grey sources come back as three equal channels, the colour one keeps its own
+    np.testing.assert_array_equal(dataset.images[in_colour[0]], colour)
+    assert dataset.names[dataset.labels[in_colour[0]]] == "person01"
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "flat", "one_identity", "corrupt"])

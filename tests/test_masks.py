@@ -62,6 +62,19 @@ def test_strokes_are_binary_float32_with_ratio_in_unit_interval(strokes):
     np.testing.assert_allclose(mask_ratio(strokes[..., None]), ratios, atol=1e-6)
 
 
+def test_mask_ratio_is_the_counted_hidden_share():
+    rng = np.random.default_rng(0)
+    masks = (rng.random((5, 7, 9)) < np.linspace(0.1, 0.9, 5)[:, None, None]).astype(np.uint8)  # 1 = visible
+    counted = np.array([np.count_nonzero(m == 0) / m.size for m in masks])
+    assert counted.min() < 0.3 and counted.max() > 0.7
+    np.testing.assert_allclose(mask_ratio(masks), counted, rtol=1e-12)  # NumPy in, float64 out
+    np.testing.assert_allclose(mask_ratio(jnp.asarray(masks)), counted, rtol=1e-6)  # JAX (also under jit)
+    np.testing.assert_allclose(jax.jit(mask_ratio)(masks[..., None].astype(np.float32)), counted, rtol=1e-6)
+    assert float(mask_ratio(masks[0].astype(bool))) == pytest.approx(counted[0])
+    with pytest.raises(ValueError, match="mask_ratio expects"):
+        mask_ratio(np.ones(4))
+
+
 @pytest.mark.parametrize(("length", "brush"), [(0.5, 0.0), (0.0, 0.0)])
 def test_zero_width_draws_nothing(length, brush):
     masks = draw_strokes(jax.random.key(2), _params(8, length, brush), SIZE, SIZE, max_strokes=4, vertex_cap=8)

@@ -16,7 +16,8 @@ from helpers import PYTHON, ROOT, subprocess_env
 
 from jaxdesens.config import TrainConfig
 from jaxdesens.recognizer import load_recognizer
-from jaxdesens.train import lr_schedule, make_optimizer, train_and_evaluate
+from jaxdesens.state import lr_schedule, make_optimizer
+from jaxdesens.train import train_and_evaluate
 from jaxdesens.workdir import ResumeError, RunDirectory
 
 TINY = ["--width=0.125", "--depth=18", "--image_size=32", "--batch_size=16", "--synthetic_identities=12",

@@ -1,5 +1,5 @@
-"""The one exception type for bad user data, so CLIs can print it without a traceback."""
+"""`DataError` under its historical name (defined in `jaxdesens.errors`, below every layer)."""
 
+from jaxdesens.errors import DataError
 
-class DataError(ValueError):
-    """Input data is missing, malformed or unusable; the message names the path and the fix."""
+__all__ = ["DataError"]

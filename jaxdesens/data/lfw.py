@@ -4,7 +4,9 @@ View 2 `pairs.txt` starts with `folds<TAB>n` and then holds, per fold, `n` match
 `Name i j` followed by `n` mismatched lines `Name1 i Name2 j`. View 1 files
 (`pairsDevTrain.txt`, `pairsDevTest.txt`) have a single-number header `n` and are one fold.
 The fold layout is positional, so every line is checked against the section it must belong to:
-a misplaced line would otherwise silently shift labels and folds.
+a misplaced line would otherwise silently shift labels and folds. A matched line naming one image
+twice, a mismatched line naming one person twice, and a name that is not one plain folder name
+(`../Outside`) are refused with their line number.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from jaxdesens.data.errors import DataError
 from jaxdesens.data.images import is_image_file, load_images
+from jaxdesens.paths import is_inside
 
 _INT = re.compile(r"\d+")
 _MATCHED_FORM = "'Name<TAB>i<TAB>j'"
@@ -59,6 +62,25 @@ def _index(path: Path, lineno: int, token: str) -> int:
     return int(token)
 
 
+def _name(path: Path, lineno: int, token: str) -> str:
+    """A person's folder name: one plain path component, so no pair reads outside the root."""
+    if token in (".", "..") or "/" in token or "\\" in token or "\0" in token:
+        raise DataError(f"{path}:{lineno}: {token!r} is not a plain LFW name (one folder name under the root: no "
+                        "'/', '\\' or '..')")
+    return token
+
+
+def _check_pair(path: Path, lineno: int, matched: bool, fields: list[str]) -> None:
+    """A matched pair is two images of one person, a mismatched pair two people: anything else
+    would be scored under the wrong label."""
+    if matched and fields[1] == fields[3]:
+        raise DataError(f"{path}:{lineno}: a matched pair names the same image twice ({fields[0]} {fields[1]}); "
+                        "matched pairs are two different images of one person")
+    if not matched and fields[0] == fields[2]:
+        raise DataError(f"{path}:{lineno}: a mismatched pair names {fields[0]!r} twice; mismatched pairs are two "
+                        "different people")
+
+
 def parse_pairs(path: str | os.PathLike) -> LfwPairs:
     """Reads an LFW `pairs.txt` (View 2, or View 1 as a single fold), validating every line."""
     path = Path(path)
@@ -91,10 +113,11 @@ def parse_pairs(path: str | os.PathLike) -> LfwPairs:
         if matched:
             name, i, j = fields
             fields = [name, i, name, j]
-        left_name.append(fields[0])
+        left_name.append(_name(path, lineno, fields[0]))
         left_index.append(_index(path, lineno, fields[1]))
-        right_name.append(fields[2])
+        right_name.append(_name(path, lineno, fields[2]))
         right_index.append(_index(path, lineno, fields[3]))
+        _check_pair(path, lineno, matched, [fields[0], str(left_index[-1]), fields[2], str(right_index[-1])])
     offsets = np.arange(expected)
     return LfwPairs(
         left_name=np.asarray(left_name, dtype=str), left_index=np.asarray(left_index, np.int32),
@@ -109,6 +132,8 @@ def lfw_image_path(root: str | os.PathLike, name: str, index: int) -> Path:
     Returns the `.jpg` path when no file exists, so the caller's error names the canonical file.
     """
     folder = Path(root) / name
+    if not is_inside(folder, root) or folder.resolve() == Path(root).resolve():
+        raise DataError(f"{name!r}: names a folder outside --lfw_root={root}; LFW names are plain folder names")
     stem = f"{name}_{index:04d}"
     canonical = folder / f"{stem}.jpg"
     if canonical.exists():

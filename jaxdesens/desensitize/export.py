@@ -7,10 +7,12 @@ is decoded, resized and centre-cropped by `load_image` exactly as the training l
 desensitized (`x * m` for a mask; blur or mosaic for the paper's baselines) and written as a
 lossless PNG built from the raw pixel array. Output folder:
 
-  manifest.json          format, tool version, method and settings, mask sha256, counts, and per
-                         file: path, id, pseudonym, sha256 of the PNG. No original names.
+  manifest.json          format, tool version, method and settings, the digest salt, counts, and
+                         per file: path, id, pseudonym, keyed digest of the PNG (HMAC-SHA256
+                         under the salt; the mask's too). No original names.
   mask.png               the mask (255 = visible, 0 = hidden); the FSM receiver needs it
-  privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks
+  privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks,
+                         re-identification by dlib (numbers only; details in the owner log)
   <pseudonym>/<id>.png   identity input (so the export is again an identity folder)
   images/<id>.png        flat input
 
@@ -22,25 +24,19 @@ modification times and inode numbers follow the random-looking ids), the input p
 paths of unreadable inputs (they go to an owner-side log next to the key file; the export only
 counts them).
 
-Robustness: each file goes to a temporary name and is renamed; a journal of finished files
-(`.jaxdesens-export-journal.jsonl`, ids and hashes only) lets `resume=True` skip files whose PNG
-exists with the journalled sha256; the manifest is written last, atomically, then the journal is
-removed. A resumed export's manifest is identical to an uninterrupted one's.
+Robustness: each file goes to a temporary name and is renamed (`paths.write_atomic`); a journal
+of finished files lets `resume=True` skip files already written (`resume.py`); the manifest is
+written last, atomically. Keys and keyed names are in `pseudonyms.py`, the privacy report in
+`report.py`, the PNG writer in `files.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
-import io
 import json
 import os
-import secrets
-import struct
-import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,29 +47,32 @@ from PIL import Image
 
 from jaxdesens.data.errors import DataError
 from jaxdesens.data.export_reader import (
-    FLAT_DIR,
+    DIGEST_ALGORITHM,
     FORMAT,
-    LAYOUT_FLAT,
-    LAYOUT_IDENTITIES,
     MANIFEST,
     MASK_FILE,
     REPORT_JSON,
     REPORT_MD,
-    read_manifest,
-    sha256_file,
+    keyed_digest,
+    keyed_digest_file,
 )
-from jaxdesens.data.images import is_image_file, load_image
+from jaxdesens.data.images import load_image
+from jaxdesens.desensitize.files import encode_png
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
+from jaxdesens.desensitize.pseudonyms import PlannedFile, digest_salt, load_or_create_key, plan_export
+from jaxdesens.desensitize.report import (
+    ATTACKS,
+    attack_report,
+    audit_sample,
+    batch_quality,
+    reidentification_report,
+    render_report_md,
+    stats,
+)
+from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
-from jaxdesens.paths import is_inside
-
-STATE = ".jaxdesens-export-state.json"
-JOURNAL = ".jaxdesens-export-journal.jsonl"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALLOWED_PNG_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
-ID_HEX, PSEUDONYM_HEX = 24, 16  # 96- and 64-bit HMAC prefixes: collisions are checked anyway
-PSNR_CAP = 100.0  # dB; identical images (PSNR = inf) count as 100 dB so means stay finite
-ATTACKS = ("biharmonic", "navier-stokes", "telea")
+from jaxdesens.masks.ops import apply_mask, mask_ratio
+from jaxdesens.paths import is_inside, write_atomic, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +92,9 @@ class ExportJob:
     owner_log: str | None = None
     batch: int = 64
     workers: int = 0
+    check_alignment: bool = True
+    audit: bool = True
+    audit_probes: int = 64
 
     def __post_init__(self):
         missing = [f"--{name}" for name in ("data", "out", "key") if not getattr(self, name)]
@@ -113,8 +115,8 @@ class ExportJob:
             raise ValueError(f"--image_size must be >= 1, got {self.image_size}")
         if self.size is not None and self.size < 1:
             raise ValueError(f"--size must be >= 1, got {self.size}")
-        if self.attack_images < 0 or self.batch < 1 or self.workers < 0:
-            raise ValueError("--attack_images >= 0, --batch >= 1 and --workers >= 0 are required")
+        if self.attack_images < 0 or self.batch < 1 or self.workers < 0 or self.audit_probes < 1:
+            raise ValueError("--attack_images >= 0, --batch >= 1, --workers >= 0 and --audit_probes >= 1 are required")
         bad = [a for a in self.attack_methods if a not in ATTACKS]
         if bad:
             raise ValueError(f"unknown --attacks {bad}; choose from {','.join(ATTACKS)} (or none)")
@@ -124,156 +126,18 @@ class ExportJob:
         return tuple(a.strip() for a in self.attacks.split(",") if a.strip() and a.strip() != "none")
 
 
-@dataclasses.dataclass(frozen=True)
-class PlannedFile:
-    source: Path
-    id: str
-    pseudonym: str | None  # None for flat input
-
-    @property
-    def rel(self) -> str:
-        return f"{self.pseudonym or FLAT_DIR}/{self.id}.png"
-
-
-# ---------------------------------------------------------------------------------------- PNG
-def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    """(type, payload) of every chunk of a PNG, in order; ValueError for a malformed stream."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise ValueError("not a PNG stream")
-    chunks, pos = [], len(PNG_SIGNATURE)
-    while pos < len(data):
-        if pos + 12 > len(data):
-            raise ValueError("truncated PNG chunk")
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        payload = data[pos + 8:pos + 8 + length]
-        if len(payload) != length:
-            raise ValueError("truncated PNG chunk")
-        chunks.append((kind, payload))
-        pos += 12 + length
-        if kind == b"IEND":
-            if pos != len(data):
-                raise ValueError("bytes after IEND")
-            break
-    return chunks
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """Lossless PNG of a uint8 (H, W), (H, W, 1) or (H, W, 3) array with only IHDR, IDAT, IEND.
-
-    PIL encodes a fresh image made from the raw array (so it has no `info` to copy), and every
-    chunk outside the whitelist is dropped afterwards: defence in depth against any default
-    ancillary chunk (pHYs, sRGB, gAMA, tEXt, eXIf, iCCP, ...) a PIL version might add.
-    """
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    if pixels.ndim == 3 and pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
-        raise ValueError(f"expected a greyscale or RGB array, got shape {pixels.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
-    chunks = png_chunks(buffer.getvalue())
-    return PNG_SIGNATURE + b"".join(_chunk(k, p) for k, p in chunks if k in ALLOWED_PNG_CHUNKS)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Writes `.<name>.<random>.tmp` beside `path`, then renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, values: Any, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode(), mode)
-
-
-# ------------------------------------------------------------------------------ key and names
-def load_or_create_key(path: str | os.PathLike, log: Callable[[str], None] = print) -> bytes:
-    """The owner's secret; a missing file is created with 256 random bits (mode 0600)."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-        log(f"created a new key file {path}: keep it private and never ship it; reuse it for the same "
-            "pseudonyms in later exports (a different key per recipient stops them linking exports)")
-    if not path.is_file():
-        raise DataError(f"{path}: --key must be a file")
-    key = path.read_bytes().strip()
-    if len(key) < 16:
-        raise DataError(f"{path}: the key file holds {len(key)} bytes; it needs at least 16 bytes of secret "
-                        "(point --key at a new file name to have a 256-bit key created)")
-    return key
-
-
-def keyed_hex(key: bytes, domain: str, text: str, length: int) -> str:
-    """HMAC-SHA256 under the owner's key, hex, truncated; `domain` separates ids from pseudonyms."""
-    return hmac.new(key, domain.encode() + b"\0" + os.fsencode(text), hashlib.sha256).hexdigest()[:length]
-
-
-def pseudonym(key: bytes, identity: str) -> str:
-    return keyed_hex(key, "identity", identity, PSEUDONYM_HEX)
-
-
-def file_id(key: bytes, relative_path: str) -> str:
-    return keyed_hex(key, "file", relative_path, ID_HEX)
-
-
-def plan_export(root: str | os.PathLike, key: bytes) -> tuple[str, list[PlannedFile], list[str]]:
-    """(layout, files sorted by id, ignored entries) of an identity folder or a flat folder."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder; --data must be an identity folder (one sub-folder per "
-                        "identity) or a folder of images")
-    ignored: list[str] = []
-    loose, folders = [], []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            files = []
-            for f in sorted(entry.iterdir()):
-                (files if f.is_file() and is_image_file(f) else ignored).append(f)
-            if files:
-                folders.append((entry.name, files))
-        elif entry.is_file() and is_image_file(entry):
-            loose.append(entry)
-        else:
-            ignored.append(entry)
-    if folders and loose:
-        raise DataError(f"{root}: holds both identity sub-folders ({len(folders)}) and {len(loose)} loose images; "
-                        "move the loose images into identity folders or export them separately")
-    if not folders and not loose:
-        raise DataError(f"{root}: no images found (expected identity sub-folders of images, or images)")
-    plan = []
-    if folders:
-        layout = LAYOUT_IDENTITIES
-        for name, files in folders:
-            alias = pseudonym(key, name)
-            plan += [PlannedFile(f, file_id(key, f.relative_to(root).as_posix()), alias) for f in files]
-        if len({pseudonym(key, n) for n, _ in folders}) != len(folders):
-            raise DataError("two identities got the same pseudonym (a 64-bit collision); use another --key")
-    else:
-        layout = LAYOUT_FLAT
-        plan = [PlannedFile(f, file_id(key, f.relative_to(root).as_posix()), None) for f in loose]
-    if len({p.id for p in plan}) != len(plan):
-        raise DataError("two files got the same id (a 96-bit collision); use another --key")
-    plan.sort(key=lambda p: p.id)
-    return layout, plan, [str(p) for p in ignored]
-
-
 # ---------------------------------------------------------------------------------- settings
+def _creatable(flag: str, path: Path) -> None:
+    """Refuses, naming the flag, a path that cannot be created: under a file, or not writable."""
+    if path.exists():
+        return
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{flag}={path}: cannot create it, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{flag}={path}: cannot create it, {existing} is not writable")
+
+
 def check_paths(job: ExportJob, owner_log: Path) -> None:
     data, out = Path(job.data).resolve(), Path(job.out).resolve()
     if is_inside(out, data):
@@ -286,14 +150,37 @@ def check_paths(job: ExportJob, owner_log: Path) -> None:
         if is_inside(path.resolve(), out):
             raise DataError(f"{path}: {what} would be inside the export {job.out}, which is handed over; "
                             "keep it outside")
+    if is_inside(owner_log, data):
+        raise DataError(f"--owner_log={owner_log} is inside --data={job.data}; outputs never go into the input")
     if out.exists() and not out.is_dir():
         raise DataError(f"{job.out}: exists and is not a folder")
+    for flag, path in (("--key", Path(job.key).resolve()), ("--out", out), ("--owner_log", owner_log.resolve())):
+        _creatable(flag, path)
+    check_owner_log(owner_log, out)
 
 
 def default_owner_log(job: ExportJob) -> Path:
+    """Next to the key, named after the export folder and a hash of its full path: two exports
+    named alike (a/export, b/export) with one key folder keep separate logs."""
     if job.owner_log:
         return Path(job.owner_log)
-    return Path(job.key).resolve().parent / f"{Path(job.out).resolve().name}.owner-log.json"
+    out = Path(job.out).resolve()
+    tag = hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return Path(job.key).resolve().parent / f"{out.name}.{tag}.owner-log.json"
+
+
+def check_owner_log(owner_log: Path, out: Path) -> None:
+    """An existing owner log may only be replaced by a run of the same export."""
+    if not owner_log.exists():
+        return
+    try:
+        previous = json.loads(owner_log.read_text()).get("export")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{owner_log}: exists and is not an owner log of this tool; choose another --owner_log") \
+            from err
+    if previous != str(out):
+        raise DataError(f"{owner_log}: this owner log belongs to another export ({previous}); choose another "
+                        "--owner_log or another --out")
 
 
 def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray | None, int, int | None]:
@@ -302,118 +189,48 @@ def prepare_mask(job: ExportJob, log: Callable[[str], None]) -> tuple[np.ndarray
         size = job.size or paper_sizes(job.image_size)[job.method][1]
         return None, job.image_size, size
     mask = mask_io.load_mask(job.mask)
+    _refuse_grey_png(job.mask)
     height, width = mask.shape
     if height != width:
         raise DataError(f"{job.mask}: mask is {height}x{width}; images are exported square (shorter side resized, "
                         "centre crop), so the mask must be square")
     image_size = job.image_size or height
     if image_size != height:
-        before = 1.0 - mask.mean()
+        before = mask_ratio(mask)
         mask = mask_io.load_mask(job.mask, image_size)
         log(f"mask {height}x{width} resized to {image_size}x{image_size} (nearest neighbour): ratio {before:.3f} -> "
-            f"{1.0 - mask.mean():.3f}")
+            f"{mask_ratio(mask):.3f}")
     if mask.min() == 1.0:
         raise DataError(f"{job.mask}: the mask hides no pixel; the export would be the original images")
+    if mask.max() == 0.0:
+        raise DataError(f"{job.mask}: the mask hides every pixel at {image_size}x{image_size}; the export would be "
+                        "black images (and the receiver's reader refuses such an export)")
     return mask, image_size, None
 
 
-def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None, layout: str,
-              mask_png: bytes | None) -> dict[str, Any]:
+def _refuse_grey_png(path: str) -> None:
+    """A PNG mask must be 0/255 only: thresholding grey (anti-aliased, resized) edges at 128 would
+    silently decide which pixels leave, and a non-binary .npy is refused too."""
+    if Path(path).suffix.lower() != ".png":
+        return
+    with Image.open(path) as image:
+        values = np.asarray(image.convert("L"))
+    grey = int(np.count_nonzero((values != 0) & (values != 255)))
+    if grey:
+        raise DataError(f"{path}: {grey} pixel(s) are neither 0 nor 255 (a grey or anti-aliased PNG); a mask must be "
+                        "binary (255 = visible, 0 = hidden): use the mask launch/search.py wrote, or threshold it")
+
+
+def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None,
+              layout: str) -> dict[str, Any]:
+    """What a resumed export must share with the interrupted one (the key is checked by the ids)."""
     from jaxdesens import __version__
 
     return {"format": FORMAT, "version": __version__, "method": job.method, "layout": layout,
             "image_size": image_size, "channels": job.channels, "size": size,
-            "mask_sha256": hashlib.sha256(mask_png).hexdigest() if mask_png is not None else None,
-            "mask_ratio": None if mask is None else round(float(1.0 - mask.mean()), 6)}
+            "mask_fingerprint": None if mask is None else mask_io.fingerprint(mask),
+            "mask_ratio": None if mask is None else round(float(mask_ratio(mask)), 6)}
 
-
-def _manifest_settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    s, m = manifest.get("settings", {}), manifest.get("mask") or {}
-    return {"format": manifest.get("format"), "version": manifest.get("version"), "method": manifest.get("method"),
-            "layout": manifest.get("layout"), "image_size": s.get("image_size"), "channels": s.get("channels"),
-            "size": s.get("size"), "mask_sha256": m.get("sha256"), "mask_ratio": s.get("mask_ratio")}
-
-
-def _differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    return [f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(stored) | set(now))
-            if stored.get(k) != now.get(k)]
-
-
-# ----------------------------------------------------------------------------------- resume
-def _output_files(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if p.is_file()]
-
-
-def _read_journal(out: Path) -> dict[str, dict[str, Any]]:
-    entries = {}
-    path = out / JOURNAL
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-                entries[entry["id"]] = entry
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by the kill
-    return entries
-
-
-def open_output(job: ExportJob, settings: dict[str, Any], plan: list[PlannedFile],
-                log: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Prepares the output folder; returns (journal of finished files, export already complete)."""
-    out = Path(job.out)
-    entries = list(out.iterdir()) if out.exists() else []
-    if entries and not job.resume:
-        raise DataError(f"{job.out}: not empty; choose a new output folder, or pass --resume to continue an "
-                        "interrupted export into it")
-    planned = {p.id: p for p in plan}
-    if entries:
-        if (out / STATE).exists():
-            try:
-                stored = json.loads((out / STATE).read_text())
-            except ValueError as err:
-                raise DataError(f"{out / STATE}: unreadable export state ({err}); start a new export") from err
-            complete = False
-        elif (out / MANIFEST).exists():
-            stored = _manifest_settings(read_manifest(out))
-            complete = True
-        else:
-            raise DataError(f"{job.out}: holds files but no export in progress ({STATE}) or finished "
-                            f"({MANIFEST}); choose a new output folder")
-        diffs = _differences(stored, settings)
-        if diffs:
-            raise DataError(f"{job.out}: holds an export with other settings; use the original ones or a new "
-                            "folder. Differences (stored -> now):\n  " + "\n  ".join(diffs))
-        for leftover in _output_files(out):  # temporary files of a killed run
-            if leftover.name.startswith(".") and leftover.parent == out and leftover.name in (STATE, JOURNAL):
-                continue
-            if leftover.name.startswith("."):
-                leftover.unlink()
-        journal = _read_journal(out)
-        if complete:
-            journal = {e["id"]: e for e in read_manifest(out).get("files", [])}
-        on_disk = {p.stem for p in _output_files(out) if p.suffix == ".png" and p.parent != out}
-        foreign = (set(journal) | on_disk) - set(planned)
-        if foreign:
-            raise DataError(f"{job.out}: holds {len(foreign)} file(s) this input and key do not produce (another "
-                            "--key, or the input changed); start a new export")
-        wrong_place = [i for i, e in journal.items() if e.get("path") != planned[i].rel]
-        if wrong_place:
-            raise DataError(f"{job.out}: {len(wrong_place)} file(s) sit under other pseudonyms (another --key?)")
-        done = {}
-        for ident, entry in journal.items():
-            file = out / planned[ident].rel
-            if file.is_file() and sha256_file(file) == entry.get("sha256"):
-                done[ident] = entry
-        if complete:
-            if len(done) != len(journal):
-                raise DataError(f"{job.out}: a finished export whose files are missing or altered "
-                                f"({len(journal) - len(done)}); export again into a new folder")
-            (out / JOURNAL).unlink(missing_ok=True)  # left when killed right after the manifest
-            return done, True
-        log(f"resuming: {len(done)} of {len(plan)} files already exported")
-        return done, False
-    out.mkdir(parents=True, exist_ok=True)
-    return {}, False
 
 
 # ------------------------------------------------------------------------------- processing
@@ -423,82 +240,53 @@ def desensitize_batch(images: np.ndarray, method: str, mask: np.ndarray | None, 
     hidden pixels are 0, visible ones untouched); blur/mosaic run the JAX operators on a batch
     padded to `batch` images (one compiled shape) and round back to uint8."""
     if method == "mask":
-        return images * mask.astype(np.uint8)[None, :, :, None]
+        return apply_mask(images, mask)
     padded = np.concatenate([images, np.repeat(images[:1], batch - len(images), 0)]) if len(images) < batch else images
     out = np.asarray(desensitize(padded.astype(np.float32) / 255.0, method, size=size))
     return np.round(np.clip(out[:len(images)], 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def batch_quality(originals: np.ndarray, outputs: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image PSNR (capped at `PSNR_CAP`) and dSSIM of the written outputs vs the originals."""
-    from jaxdesens.metrics.quality import SSIM_WINDOW, dssim, psnr
 
-    n = len(originals)
-    pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch - n, 0)]) if n < batch else x  # noqa: E731
-    a, b = pad(originals).astype(np.float32) / 255.0, pad(outputs).astype(np.float32) / 255.0
-    p = np.minimum(np.asarray(psnr(a, b))[:n], PSNR_CAP)
-    d = np.asarray(dssim(a, b))[:n] if min(a.shape[1:3]) >= SSIM_WINDOW else np.full(n, np.nan)
-    return p.astype(np.float64), d.astype(np.float64)
+def check_alignment(job: ExportJob, plan: list[PlannedFile], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """One mask fits a set only if its faces are aligned: a sample's landmark spread is measured
+    and a warning logged when they are not (the export goes on; the owner log keeps the numbers)."""
+    if job.method != "mask" or not job.check_alignment:
+        return None
+    from jaxdesens.align.check import alignment_warning, landmark_spread
 
-
-def _stats(values: list[float]) -> dict[str, float | None]:
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
-    if not len(values):
-        return {"mean": None, "std": None}
-    return {"mean": round(float(values.mean()), 6), "std": round(float(values.std()), 6)}
+    report = landmark_spread([p.source for p in plan])
+    warning = alignment_warning(report, job.data)
+    if warning:
+        log(f"warning: {warning}")
+    return report
 
 
-def _finite(value: float) -> float | None:
-    return round(float(value), 6) if np.isfinite(value) else None
-
-
-def attack_report(plan: list[PlannedFile], job: ExportJob, mask: np.ndarray, image_size: int,
-                  progress: bool) -> dict[str, Any]:
+def export_attacks(plan: list[PlannedFile], job: ExportJob, mask: np.ndarray, image_size: int,
+                   progress: bool) -> dict[str, Any]:
     """Classical inpainting on an evenly spaced subset (in id order, so spread over identities)."""
-    from jaxdesens.metrics.attacks import restoration_report
-
     count = min(job.attack_images, len(plan))
-    if count == 0 or not job.attack_methods:
-        return {"images": 0, "methods": {}, "note": "no attack run (--attack_images=0 or --attacks=none)"}
-    chosen = [plan[i] for i in np.arange(count) * len(plan) // count]
-    originals = np.stack([load_image(p.source, image_size, job.channels) for p in chosen])
-    masked = desensitize_batch(originals, "mask", mask, None, len(chosen))
-    report = restoration_report(originals.astype(np.float32) / 255.0, masked.astype(np.float32) / 255.0, mask,
-                                job.attack_methods, progress=progress)
-    pick = lambda s: {k: _finite(s[k]) for k in ("psnr_mean", "psnr_std", "ssim_mean", "ssim_std")}  # noqa: E731
-    return {"images": count, "masked_baseline": pick(report["baseline"]),
-            "methods": {name: pick(stats) for name, stats in report["methods"].items()}}
+    chosen = [plan[i] for i in np.arange(count) * len(plan) // count] if count and job.attack_methods else []
+    originals = np.stack([load_image(p.source, image_size, job.channels) for p in chosen]) if chosen else \
+        np.zeros((0, image_size, image_size, job.channels), np.uint8)
+    return attack_report(originals, mask, job.attack_methods, progress)
 
 
-def render_report_md(report: dict[str, Any]) -> str:
-    def fmt(value: Any, digits: int = 4) -> str:
-        return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-    q = report["desensitized_vs_original"]
-    lines = ["# Privacy report", "",
-             f"Method **{report['method']}**" + (f", mask ratio **{report['mask_ratio']:.4f}** (share of pixels "
-                                                 "hidden)" if report["mask_ratio"] is not None else
-                                                 f", size {report['method_size']}")
-             + f"; {report['images']} images"
-             + (f" of {report['identities']} identities" if report["identities"] else "")
-             + f" at {report['image_size']} px, "
-               f"{report['channels']} channel(s); {report['skipped_unreadable']} unreadable input(s) skipped.", "",
-             "| desensitized vs original | mean | std |", "|---|---|---|",
-             f"| dSSIM (1 - SSIM; higher hides more) | {fmt(q['dssim']['mean'])} | {fmt(q['dssim']['std'])} |",
-             f"| PSNR dB (lower hides more; capped at {PSNR_CAP:.0f}) | {fmt(q['psnr']['mean'], 2)} | "
-             f"{fmt(q['psnr']['std'], 2)} |", ""]
-    attacks = report["attacks"]
-    if attacks.get("methods"):
-        lines += [f"Classical inpainting attacks on {attacks['images']} images (restored vs original; higher = more "
-                  "recovered):", "", "| restoration | PSNR dB | SSIM |", "|---|---|---|",
-                  f"| none (masked image) | {fmt(attacks['masked_baseline']['psnr_mean'], 2)} | "
-                  f"{fmt(attacks['masked_baseline']['ssim_mean'])} |"]
-        lines += [f"| {name} | {fmt(s['psnr_mean'], 2)} | {fmt(s['ssim_mean'])} |"
-                  for name, s in attacks["methods"].items()]
-    else:
-        lines.append(f"Inpainting attacks: {attacks.get('note', 'not run')}.")
-    lines += ["", "Learned inpainters (the paper uses RFR-Net) may restore more than these training-free ones.", ""]
-    return "\n".join(lines)
+def export_reidentification(exported: list[dict[str, Any]], planned: dict[str, PlannedFile], job: ExportJob,
+                            mask: np.ndarray | None, image_size: int, size: int | None, progress: bool,
+                            log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """dlib on a sample of the exported people: (the report's summary, the owner log's details)."""
+    if not job.audit:
+        return {"run": False, "note": "not run (--audit=false)"}, None
+    files = [(e["pseudonym"], planned[e["id"]].source) for e in sorted(exported, key=lambda e: e["id"])]
+    sample = audit_sample([f for f in files if f[0]], job.audit_probes)
+    if not sample:
+        return {"run": False, "note": "not applicable: no person has two exported photos (or the input is flat, "
+                                      "without identities)"}, None
+    people = sorted({person for person, _ in sample})
+    labels = np.array([people.index(person) for person, _ in sample])
+    originals = np.stack([load_image(source, image_size, job.channels) for _, source in sample])
+    return reidentification_report(originals, labels, job.method, mask, size, job.attack_methods, job.audit_probes,
+                                   progress, log)
 
 
 def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None] = print,
@@ -516,19 +304,26 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     check_paths(job, owner_log)
     mask, image_size, size = prepare_mask(job, log)
     key = load_or_create_key(job.key, log)
-    layout, plan, ignored = plan_export(job.data, key)
+    planning = plan_export(job.data, key)
+    layout, plan = planning.layout, planning.files
+    alignment = check_alignment(job, plan, log)
+    if planning.symlinks:
+        log(f"{len(planning.symlinks)} symlink(s) in --data point outside it and were followed; listed in the owner "
+            f"log {owner_log}")
     mask_png = encode_png((mask * 255).astype(np.uint8)) if mask is not None else None
-    settings = _settings(job, mask, image_size, size, layout, mask_png)
-    done, complete = open_output(job, settings, plan, log)
+    settings = _settings(job, mask, image_size, size, layout)
+    salt = digest_salt(key)
+    done, complete = open_output(Path(job.out), job.resume, settings, plan, log,
+                                 digest=lambda path: keyed_digest_file(salt, path))
     out = Path(job.out)
     if complete:
         log(f"{job.out}: the export is already complete and intact; nothing to do")
         return {"files": len(done), "complete": True, "out": str(out), "files_per_s": 0.0, "skipped": None,
                 "report": json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).exists() else None,
                 "owner_log": None}
-    _write_json(out / STATE, settings)
+    write_json(out / STATE, settings)
     if mask_png is not None:
-        _write_atomic(out / MASK_FILE, mask_png)
+        write_atomic(out / MASK_FILE, mask_png)
 
     planned = {p.id: p for p in plan}
     todo = [p for p in plan if p.id not in done]
@@ -547,8 +342,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     def write(args: tuple[PlannedFile, np.ndarray]) -> str:
         item, pixels = args
         data = encode_png(pixels)
-        _write_atomic(out / item.rel, data)
-        return hashlib.sha256(data).hexdigest()
+        write_atomic(out / item.rel, data)
+        return keyed_digest(salt, data)
 
     bar = tqdm(total=len(plan), initial=resumed, disable=not progress, unit="file", desc="exporting",
                dynamic_ncols=True)
@@ -574,7 +369,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                 psnrs, dssims = batch_quality(originals, outputs, job.batch)
                 digests = list(pool.map(write, zip(good, outputs)))
                 for i, (item, digest) in enumerate(zip(good, digests)):
-                    entry = {"id": item.id, "pseudonym": item.pseudonym, "path": item.rel, "sha256": digest,
+                    entry = {"id": item.id, "pseudonym": item.pseudonym, "path": item.rel, "digest": digest,
                              "psnr": float(psnrs[i]), "dssim": None if np.isnan(dssims[i]) else float(dssims[i])}
                     journal.write(json.dumps(entry) + "\n")
                     journal.flush()
@@ -592,46 +387,48 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
 
     exported = sorted(done.values(), key=lambda e: e["path"])
     identities = len({e["pseudonym"] for e in exported if e["pseudonym"]})
-    files = [{k: e[k] for k in ("path", "id", "pseudonym", "sha256")} for e in exported]
-    fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()[:16]
+    files = [{k: e[k] for k in ("path", "id", "pseudonym", "digest")} for e in exported]
+    fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['digest']}\n" for f in files).encode()).hexdigest()[:16]
     report = {
         "format": FORMAT, "version": __version__, "method": job.method, "mask_ratio": settings["mask_ratio"],
         "method_size": size, "image_size": image_size, "channels": job.channels, "images": len(exported),
         "identities": identities, "skipped_unreadable": len(bad),
-        "desensitized_vs_original": {"psnr": _stats([e["psnr"] for e in exported]),
-                                     "dssim": _stats([e["dssim"] for e in exported])},
-        "attacks": (attack_report([planned[e["id"]] for e in sorted(exported, key=lambda e: e["id"])], job, mask,
-                                  image_size, progress) if mask is not None else
+        "desensitized_vs_original": {"psnr": stats([e["psnr"] for e in exported]),
+                                     "dssim": stats([e["dssim"] for e in exported])},
+        "attacks": (export_attacks([planned[e["id"]] for e in sorted(exported, key=lambda e: e["id"])], job, mask,
+                                   image_size, progress) if mask is not None else
                     {"images": 0, "methods": {},
                      "note": f"not applicable to --method={job.method} (no hidden pixels)"}),
     }
-    _write_json(out / REPORT_JSON, report)
-    _write_atomic(out / REPORT_MD, render_report_md(report).encode())
+    report["reidentification"], owner_audit = export_reidentification(exported, planned, job, mask, image_size, size,
+                                                                      progress, log)
+    written = {f["path"] for f in files} | ({MASK_FILE} if mask is not None else set())
+    refuse_unexpected(out, written | {STATE, JOURNAL}, "that this export does not write")  # before it is final
+    write_json(out / REPORT_JSON, report)
+    write_atomic(out / REPORT_MD, render_report_md(report).encode())
     manifest = {
         "format": FORMAT, "tool": "jaxdesens", "version": __version__, "method": job.method, "layout": layout,
         "settings": {"image_size": image_size, "channels": job.channels, "size": size,
                      "mask_ratio": settings["mask_ratio"]},
-        "mask": None if mask is None else {"file": MASK_FILE, "sha256": settings["mask_sha256"],
-                                           "shape": list(mask.shape), "fingerprint": mask_io.fingerprint(mask)},
+        "digest": {"algorithm": DIGEST_ALGORITHM, "salt": salt},
+        "mask": None if mask is None else {"file": MASK_FILE, "digest": keyed_digest(salt, mask_png),
+                                           "shape": list(mask.shape), "fingerprint": settings["mask_fingerprint"]},
         "counts": {"files": len(files), "identities": identities, "skipped_unreadable": len(bad)},
-        "fingerprint": fingerprint, "files": files,
+        "fingerprint": fingerprint, "input_fingerprint": input_fingerprint(plan), "files": files,
     }
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
     (out / STATE).unlink(missing_ok=True)
-    expected = {out / MANIFEST, out / REPORT_JSON, out / REPORT_MD} | {out / f["path"] for f in files}
-    if mask is not None:
-        expected.add(out / MASK_FILE)
-    unexpected = [p for p in _output_files(out) if p not in expected]
-    if unexpected:
-        raise DataError(f"{job.out}: {len(unexpected)} unexpected file(s) appeared in the export during the run "
-                        f"(e.g. {unexpected[0].name}); do not hand it over, export again into a new folder")
+    refuse_unexpected(out, written | {MANIFEST, REPORT_JSON, REPORT_MD}, "that appeared during the run: do not hand "
+                      "it over")
 
     seconds = time.perf_counter() - start_time
     owner = {"export": str(out.resolve()), "input": str(Path(job.data).resolve()), "skipped_unreadable": bad,
-             "ignored_non_images": ignored, "exported": len(files), "resumed_from": resumed,
+             "ignored_non_images": planning.ignored, "symlinks_out_of_data": planning.symlinks,
+             "alignment_check": alignment, "reidentification_audit": owner_audit,
+             "exported": len(files), "resumed_from": resumed,
              "files_per_s": round(rate, 1), "seconds": round(seconds, 2)}
-    _write_json(owner_log, owner, mode=0o600)  # names original files: as private as the key
+    write_json(owner_log, owner, mode=0o600)  # names original files: as private as the key
     log(f"exported {len(files)} images of {identities} identities to {job.out} ({rate:.0f} files/s); "
         f"{len(bad)} unreadable input(s) skipped" + (f", listed in the owner log {owner_log} (not in the export)"
                                                     if bad else f"; owner log {owner_log}"))

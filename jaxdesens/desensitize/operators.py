@@ -1,7 +1,8 @@
 """The three desensitization operators the paper compares (Section 4, Fig. 7): mask, blur, mosaic.
 
 All operators are JAX, jittable (sizes are static) and take NHWC float images in [0, 1]; a single
-HWC image is accepted too and comes back HWC. Mask convention: 1 = visible, 0 = hidden.
+HWC image is accepted too and comes back HWC. Mask convention: 1 = visible, 0 = hidden; the mask
+operator is `masks.ops.apply_mask`, the project's one definition of `x * m`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxdesens.masks.ops import apply_mask
 
 METHODS = ("mask", "blur", "mosaic")
 _PAPER_SIZE = 112  # the face crops of the paper; Fig. 7's kernel sizes refer to this resolution
@@ -26,18 +29,6 @@ def _as_batch(images: jax.Array) -> tuple[jax.Array, bool]:
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC or HWC, got shape {images.shape}")
     return images, False
-
-
-def apply_mask(images: jax.Array, mask: jax.Array) -> jax.Array:
-    """Paper's Hadamard product `x * m`; hidden pixels become exactly 0.
-
-    `mask` is (H, W) (shared by all images) or (N, H, W, 1) / (H, W, 1); it broadcasts over
-    channels, so the same spatial pixels are hidden in every channel.
-    """
-    mask = jnp.asarray(mask, jnp.float32)
-    if mask.ndim == 2:
-        mask = mask[..., None]
-    return jnp.asarray(images, jnp.float32) * mask
 
 
 def gaussian_kernel(kernel_size: int, sigma: float | None = None) -> jax.Array:
@@ -124,7 +115,7 @@ def desensitize(
     if method == "mask":
         if mask is None:
             raise ValueError('method "mask" needs mask= (1 = visible, 0 = hidden)')
-        return apply_mask(images, mask)
+        return apply_mask(jnp.asarray(images, jnp.float32), jnp.asarray(mask, jnp.float32))
     if method not in METHODS:
         raise ValueError(f"unknown desensitization method {method!r}; expected one of {METHODS}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:

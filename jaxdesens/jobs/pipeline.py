@@ -3,6 +3,7 @@
 The stages, each in its own folder of the workdir and skipped when already finished (a rerun
 resumes; a killed training resumes from its last checkpoint):
 
+  aligned/   with --align: the photos of --data aligned onto the face template (launch/align.py)
   owner/     the owner's split: `train/` identities (desensitized and handed off) and `test/`
              identities (kept back, never trained on by any model), plus the owner's key
   clean/     resnet trained on owner/train            (the clean model Algorithm 1 needs)
@@ -36,28 +37,29 @@ from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet, load_dataset, make_synthetic, scan_identity_folder
 from jaxdesens.data.splits import held_out_indices
 from jaxdesens.data.synthetic import SyntheticConfig
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.paths import is_inside
 from jaxdesens.workdir import write_json_atomic
+
+# What every CPU preset trains with: TrainConfig's defaults where the pipeline agrees with them
+# (64 px and lr 0.01: at 48 px or lr 0.1 the EBP template drifts off the face; README, "Search").
+CPU_TRAIN = TrainConfig(steps=300, holdout=0.2, synthetic_identities=64, synthetic_images_per_identity=10)
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Sizes of every stage; `fsm_points` beyond 3 and `thresholds` add the Table 7/8 ablations."""
+    """Sizes of every stage; `fsm_points` beyond 3 and `thresholds` add the Table 7/8 ablations.
 
-    image_size: int = 48
-    depth: int = 18
-    width: float = 0.25
-    batch_size: int = 64
-    steps: int = 300
-    lr: float = 0.1
-    bf16: bool = False
-    synthetic_identities: int = 64
-    synthetic_images_per_identity: int = 10
+    `train` is the TrainConfig every model of the pipeline starts from (each stage sets its mode,
+    data and seed), so the training settings and their defaults live in one place, `TrainConfig`;
+    its synthetic-set fields also size the synthetic faces written when no --data is given.
+    """
+
+    train: TrainConfig = CPU_TRAIN
     test_share: float = 0.25
-    holdout: float = 0.2
     search_n: int = 256
     K: int = 32
-    T: float = 0.6
+    T: float = 0.5
     batch_images: int = 32
     min_ratio: float = 0.6
     repeats: int = 2
@@ -72,12 +74,14 @@ PRESETS: dict[str, Preset] = {
     # The README's quick start: minutes on a 2-core CPU.
     "cpu": Preset(),
     # The reproduction report (docs/results.md): every table, still CPU-sized.
-    "cpu-full": Preset(steps=400, search_n=512, K=64, repeats=5, baseline_n=100, attack_images=64,
+    "cpu-full": Preset(train=dataclasses.replace(CPU_TRAIN, steps=400), search_n=512, K=64, repeats=5,
+                       baseline_n=100, attack_images=64,
                        attacks="biharmonic,navier-stokes,telea", fsm_points=(1, 2, 3, 4),
                        thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)),
     # The paper's setting on one accelerator.
-    "gpu": Preset(image_size=112, depth=34, width=1.0, batch_size=256, steps=20000, lr=0.01, bf16=True,
-                  search_n=2000, K=64, T=0.5, repeats=5, baseline_n=2000, attack_images=200,
+    "gpu": Preset(train=dataclasses.replace(CPU_TRAIN, image_size=112, depth=34, width=1.0, batch_size=256,
+                                            steps=20000, lr=0.01, bf16=True),
+                  search_n=2000, K=64, repeats=5, baseline_n=2000, attack_images=200,
                   attacks="biharmonic,navier-stokes,telea", fsm_points=(1, 2, 3, 4),
                   thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)),
 }
@@ -89,10 +93,13 @@ class PipelineJob:
     workdir: str = "runs/pipeline"
     preset: str = "cpu"
     seed: int = 0
+    align: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.align and self.data is None:
+            raise ValueError("--align needs --data=PHOTOS (the built-in synthetic faces are aligned already)")
 
     @property
     def settings(self) -> Preset:
@@ -120,6 +127,7 @@ def owner_split(job: PipelineJob, root: Path, log: Callable[[str], None]) -> dic
     if _done(marker):
         return json.loads(marker.read_text())
     preset = job.settings
+    train = preset.train
     tmp = root.with_name(root.name + ".partial")
     import shutil
 
@@ -127,8 +135,8 @@ def owner_split(job: PipelineJob, root: Path, log: Callable[[str], None]) -> dic
     (tmp / "train").mkdir(parents=True)
     (tmp / "test").mkdir()
     if job.data is None:
-        dataset = make_synthetic(SyntheticConfig(preset.synthetic_identities, preset.synthetic_images_per_identity,
-                                                 preset.image_size, 3, seed=job.seed))
+        dataset = make_synthetic(SyntheticConfig(train.synthetic_identities, train.synthetic_images_per_identity,
+                                                 train.image_size, 3, seed=job.seed))
         names = dataset.names
         kept, held = held_out_indices(len(names), preset.test_share, job.seed, "synthetic faces")
         _write_identity_folder(dataset, tmp / "train", kept)
@@ -150,6 +158,16 @@ def owner_split(job: PipelineJob, root: Path, log: Callable[[str], None]) -> dic
     return record
 
 
+def align_stage(job: PipelineJob, out: Path, log: Callable[[str], None], progress: bool) -> PipelineJob:
+    """Aligns --data into `out` (a rerun resumes; a finished one only re-lists) and returns the
+    job with `out` as its data, so every later stage reads aligned faces."""
+    from jaxdesens.align.folder import AlignJob, run_align
+
+    run_align(AlignJob(data=job.data, out=str(out), size=max(112, job.settings.train.image_size)), progress=progress,
+              log=lambda m: log(f"align: {m}"))
+    return dataclasses.replace(job, data=str(out))
+
+
 def train_stage(workdir: Path, config: TrainConfig, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
     """Trains (or resumes, or skips when finished) one recognizer; returns its eval.json."""
     from jaxdesens.train import train_and_evaluate
@@ -169,30 +187,33 @@ def search_stage(out: Path, checkpoint: Path, job: PipelineJob, log: Callable[[s
         return json.loads((out / "summary.json").read_text())
     p = job.settings
     settings = dict(checkpoint=str(checkpoint), out=str(out), n=p.search_n, K=p.K, T=p.T, batch_images=p.batch_images,
-                    min_ratio=p.min_ratio, seed=job.seed, bf16=p.bf16)
+                    min_ratio=p.min_ratio, seed=job.seed, bf16=p.train.bf16)
     settings.update(overrides)
     return run_search_job(SearchJob(**settings), progress=progress, log=lambda m: log(f"{out.name}: {m}"))
 
 
-def export_stage(out: Path, owner: Path, mask: Path, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+def export_stage(out: Path, owner: Path, mask: Path, log: Callable[[str], None], progress: bool,
+                 check_alignment: bool = True) -> dict[str, Any]:
+    """`check_alignment=False` for the built-in synthetic faces: they are drawn on one template."""
     from jaxdesens.desensitize.export import ExportJob, run_export
 
     if _done(out / "manifest.json"):
         log("export: finished earlier, kept")
         return json.loads((out / "privacy_report.json").read_text())
     export = ExportJob(data=str(owner / "train"), out=str(out), key=str(owner / "owner.key"), mask=str(mask),
-                       resume=out.exists(), attack_images=32, owner_log=str(owner / "export.owner-log.json"))
+                       resume=out.exists(), attack_images=32, owner_log=str(owner / "export.owner-log.json"),
+                       check_alignment=check_alignment,
+                       audit=False)  # dlib runs once, in the evaluate stage's audit (with the recipient models)
     run_export(export, progress=progress, log=lambda m: log(f"export: {m}"))
     return json.loads((out / "privacy_report.json").read_text())
 
 
 def model_config(job: PipelineJob, model: str, data: Path, **overrides: Any) -> TrainConfig:
-    p = job.settings
-    values = dict(model=model, data=str(data), depth=p.depth, width=p.width, image_size=p.image_size,
-                  batch_size=p.batch_size, steps=p.steps, lr=p.lr, bf16=p.bf16, seed=job.seed, holdout=p.holdout,
-                  log_every=max(1, p.steps // 10), checkpoint_every=max(1, p.steps // 4))
+    train = job.settings.train
+    values = dict(model=model, data=str(data), seed=job.seed, log_every=max(1, train.steps // 10),
+                  checkpoint_every=max(1, train.steps // 4))
     values.update(overrides)
-    return TrainConfig(**values)
+    return dataclasses.replace(train, **values)
 
 
 def situation_one(workdir: Path, test: IdentitySet, mask: np.ndarray) -> float:
@@ -212,7 +233,7 @@ def masked_dssim(test: IdentitySet, mask: np.ndarray) -> float:
     from jaxdesens.metrics.quality import dssim
 
     originals = jnp.asarray(test.images, jnp.float32) / 255.0
-    return float(jnp.mean(dssim(originals * jnp.asarray(mask)[None, :, :, None], originals)))
+    return float(jnp.mean(dssim(apply_mask(originals, jnp.asarray(mask)), originals)))
 
 
 def mask_privacy(test: IdentitySet, mask: np.ndarray, attack_images: int) -> dict[str, float]:
@@ -220,9 +241,9 @@ def mask_privacy(test: IdentitySet, mask: np.ndarray, attack_images: int) -> dic
     from jaxdesens.metrics.attacks import restoration_report
 
     originals = test.images.astype(np.float32) / 255.0
-    attack = restoration_report(originals, originals * mask[None, :, :, None], mask, ("telea",),
+    attack = restoration_report(originals, apply_mask(originals, mask), mask, ("telea",),
                                 max_images=attack_images)
-    return {"ratio": float(1 - mask.mean()), "dssim": masked_dssim(test, mask),
+    return {"ratio": float(mask_ratio(mask)), "dssim": masked_dssim(test, mask),
             "telea_psnr": float(attack["methods"]["telea"]["psnr_mean"])}
 
 
@@ -252,12 +273,14 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         return result
 
     owner = root / "owner"
-    split = stage("owner split", lambda: owner_split(job, owner, log))
+    data_job = stage("align", lambda: align_stage(job, root / "aligned", log, progress)) if job.align else job
+    split = stage("owner split", lambda: owner_split(data_job, owner, log))
     clean = stage("clean model", lambda: train_stage(root / "clean", model_config(job, "resnet", owner / "train"),
                                                    log, progress))
     search = stage("search", lambda: search_stage(root / "search", root / "clean", job, log, progress))
     mask_file = root / "search" / "mask.png"
-    privacy = stage("export", lambda: export_stage(root / "export", owner, mask_file, log, progress))
+    privacy = stage("export", lambda: export_stage(root / "export", owner, mask_file, log, progress,
+                                                   check_alignment=data_job.data is not None))
     trained = {
         "resnet-mask": stage("mask model", lambda: train_stage(
             root / "resnet-mask", model_config(job, "mask", root / "export"), log, progress)),
@@ -265,13 +288,14 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
             root / "fsm", model_config(job, "fsm", root / "export"), log, progress)),
         "resnet-mask-levels": stage("level-mask model", lambda: train_stage(
             root / "resnet-mask-levels", model_config(job, "mask", owner / "train"), log, progress))}
-    test = load_dataset(owner / "test", p.image_size)
-    mask = load_mask(mask_file, p.image_size)
+    size = p.train.image_size
+    test = load_dataset(owner / "test", size)
+    mask = load_mask(mask_file, size)
 
     ablations: dict[str, Any] = {}
     no_ebp = stage("no-EBP search", lambda: search_stage(root / "no_ebp", root / "clean", job, log, progress,
                                                        without_ebp=True, evaluate=False))
-    no_ebp_mask = load_mask(root / "no_ebp" / "mask.png", p.image_size)
+    no_ebp_mask = load_mask(root / "no_ebp" / "mask.png", size)
     ablations["ebp"] = {
         "with_ebp": {**mask_privacy(test, mask, p.attack_images),
                      "clean_accuracy": situation_one(root / "clean", test, mask)},
@@ -292,7 +316,7 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         summary = stage(f"search T={t:g}", lambda: search_stage(root / tag / "search", root / "clean", job, log,
                                                                progress, T=t, evaluate=False, adapt_floor=True))
         t_mask_file = root / tag / "search" / "mask.png"
-        t_mask = load_mask(t_mask_file, p.image_size)
+        t_mask = load_mask(t_mask_file, size)
         row = {"template_kept": summary["template_kept"], "ratio": summary["ratio"], "floor": summary["min_ratio"]}
         for model in ("mask", "fsm"):
             stage(f"{model} model T={t:g}", lambda: train_stage(
@@ -306,22 +330,35 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
         checkpoints=tuple(str(root / name) for name in ("clean", "resnet-mask-levels", "resnet-mask", "fsm")),
         mask=str(mask_file),
         out=str(root / "evaluate"), data=str(owner / "train"), test_data=str(owner / "test"), repeats=p.repeats,
-        baseline_n=p.baseline_n, attack_images=p.attack_images, attacks=p.attacks, seed=job.seed)
+        baseline_n=p.baseline_n, attack_images=p.attack_images, attacks=p.attacks, seed=job.seed,
+        audit_probes=p.attack_images)
     if _done(root / "evaluate" / "report.md"):
         log("evaluate: finished earlier, kept")
     else:
         stage("evaluate", lambda: run_evaluate_job(evaluate_job, progress=progress,
                                                    log=lambda m: log(f"evaluate: {m}")))
+    audit = privacy_audit(root)
 
     report = {"command": command or shlex.join(["python", "launch/pipeline.py"]), "job": dataclasses.asdict(job),
               "preset": dataclasses.asdict(p), "split": split, "training": {"clean": clean, **trained},
               "search": {k: search[k] for k in ("objective", "ce", "ratio", "template_kept", "masks_per_s")
                          if k in search},
-              "privacy": privacy, "ablations": ablations, "seconds": timings}
+              "faithfulness": {k: v for k, v in search.get("faithfulness", {}).items() if not k.endswith("_curve")},
+              "privacy": privacy, "privacy_audit": audit, "ablations": ablations, "seconds": timings}
     write_json_atomic(root / "report.json", report)
     (root / "report.md").write_text(render(report, (root / "evaluate" / "report.md").read_text()))
 
     return report
+
+
+def privacy_audit(root: Path) -> dict[str, Any]:
+    """The evaluation's re-identification audit, drawn as WORKDIR/privacy_utility.png; its points for
+    the report. The audited people are the export's (the clean model's training identities): whose
+    privacy is at stake, and those the recipient models trained on (the strongest insider); the
+    test identities are in no export. Timed inside the evaluate stage (its results' seconds)."""
+    from jaxdesens.jobs.evaluate.audit import summary
+
+    return summary(json.loads((root / "evaluate" / "results.json").read_text()), root)
 
 
 def privacy_lines(privacy: dict[str, Any]) -> list[str]:
@@ -338,25 +375,46 @@ def privacy_lines(privacy: dict[str, Any]) -> list[str]:
     return lines
 
 
+def faithfulness_lines(f: dict[str, Any]) -> list[str]:
+    """Does the template sit where the recognizer looks? Occlusion sensitivity is the ground truth."""
+    if not f:
+        return []
+    dele, ins = f["deletion_auc"], f["insertion_auc"]
+    return ["## Template faithfulness (occlusion as ground truth)", "",
+            f"Mean EBP vs mean occlusion map over {f['images']} images: r = {f['ebp_occlusion_correlation']:.2f}. "
+            f"The template keeps {_pct(f['template_area'])} of the pixels and {_pct(f['occlusion_share_in_template'])} "
+            f"of the occlusion effect ({f['occlusion_share_over_area']:.2f}x its area share); "
+            f"{_pct(f['template_border_share'])} of its pixels lie within 4 px of the border.", "",
+            "| order | deletion AUC (higher: faster loss) | insertion AUC (lower: faster recovery) |",
+            "|---|---:|---:|",
+            *(f"| {k} | {dele[k]:.2f} | {ins[k]:.2f} |" for k in ("ebp", "occlusion", "random")),
+            f"(random: mean of smooth random orders; std {f['deletion_auc_random_std']:.2f} / "
+            f"{f['insertion_auc_random_std']:.2f})", ""]
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
 def render(report: dict[str, Any], evaluation_md: str) -> str:
     """report.md: the pipeline's own findings (split, stages, privacy, ablations), then the evaluation."""
+    from jaxdesens.jobs.evaluate.audit import summary_lines
+
     p, split, ab = report["preset"], report["split"], report["ablations"]
+    t = p["train"]
     lines = ["# jaxdesens pipeline report", "", f"Command: `{report['command']}`", "",
              f"- data: {split['source']}; {split['train_identities']} identities desensitized and handed off, "
              f"{split['test_identities']} kept back as the test set (no model trained on them)",
-             f"- preset `{report['job']['preset']}`: ResNet-{p['depth']} width {p['width']}, {p['image_size']} px, "
-             f"{p['steps']} steps of {p['batch_size']}, lr {p['lr']}; search n={p['search_n']}, K={p['K']}, "
+             f"- preset `{report['job']['preset']}`: ResNet-{t['depth']} width {t['width']}, {t['image_size']} px, "
+             f"{t['steps']} steps of {t['batch_size']}, lr {t['lr']}; search n={p['search_n']}, K={p['K']}, "
              f"T={p['T']}, B={p['batch_images']}, min ratio {p['min_ratio']}", "",
              "## Stages (seconds)", "", "| stage | s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     s = report["search"]
     lines += ["", "## Searched mask", "",
               f"Objective {s['objective']:.3f} (CE {s['ce']:.3f}), hides {_pct(s['ratio'])}; the template keeps "
-              f"{_pct(s['template_kept'])}.", "", *privacy_lines(report["privacy"]), "",
+              f"{_pct(s['template_kept'])}.", "", *faithfulness_lines(report["faithfulness"]),
+              *privacy_lines(report["privacy"]), "", *summary_lines(report.get("privacy_audit")),
               "## Ablation: search without EBP (paper Table 6)", "",
               "| mask | ratio | clean-model accuracy (Situation 1) | dSSIM | PSNR after Telea |",
               "|---|---:|---:|---:|---:|"]

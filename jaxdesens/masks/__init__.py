@@ -4,19 +4,20 @@ from jaxdesens.masks.freeform import (
     StrokeParams,
     StrokeRanges,
     draw_strokes,
-    mask_ratio,
     random_strokes,
     rasterise_capsules,
     sample_stroke_params,
 )
 from jaxdesens.masks.io import load_mask, save_mask
 from jaxdesens.masks.levels import LEVEL_RANGES, LEVELS, level_masks, level_of, make_level_bank, masks_at_level
+from jaxdesens.masks.ops import apply_mask, mask_ratio
 
 __all__ = [
     "LEVELS",
     "LEVEL_RANGES",
     "StrokeParams",
     "StrokeRanges",
+    "apply_mask",
     "draw_strokes",
     "level_masks",
     "level_of",

@@ -203,17 +203,3 @@ def random_strokes(
     return draw_strokes(
         k_draw, params, height, width, max_strokes=ranges.max_strokes, vertex_cap=ranges.vertex_cap
     )
-
-
-def mask_ratio(masks: jax.Array) -> jax.Array:
-    """Share of hidden pixels, `1 - mean(m)`, for (H, W), (N, H, W) or (N, H, W, 1) masks.
-
-    The paper's Formula 2 writes P = |m|_1 / (h * w), but with 1 = visible that would be the
-    kept share; the paper means the hidden share (its Table 3 reports 76% for a mostly hidden face).
-    """
-    masks = jnp.asarray(masks, jnp.float32)
-    if masks.ndim == 4 and masks.shape[-1] == 1:
-        masks = masks[..., 0]
-    if masks.ndim not in (2, 3):
-        raise ValueError(f"mask_ratio expects (H, W), (N, H, W) or (N, H, W, 1), got shape {masks.shape}")
-    return 1.0 - masks.mean(axis=(-2, -1))

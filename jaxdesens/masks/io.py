@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jaxdesens.data.errors import DataError
+from jaxdesens.errors import DataError
 
 _SUFFIXES = (".png", ".npy")
 

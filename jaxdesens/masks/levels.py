@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdesens.masks.freeform import StrokeRanges, random_strokes
+from jaxdesens.masks.ops import mask_ratio
 
 # Hidden share per level, intervals (low, high].
 LEVELS: tuple[tuple[float, float], ...] = ((0.01, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6))
@@ -23,8 +24,8 @@ LEVELS: tuple[tuple[float, float], ...] = ((0.01, 0.1), (0.1, 0.2), (0.2, 0.3), 
 # strokes with wider brushes put at least ~8% of the draws in each bucket (0.5-0.6 is the rarest).
 LEVEL_RANGES = dataclasses.replace(StrokeRanges(), max_brush_width=(0.02, 0.4))
 
-# Ratios this close to a bucket edge are rejected, so float32 `mask_ratio` and the float64
-# bucketing here can never put one mask in different levels.
+# Ratios this close to a bucket edge are rejected, so the float32 ratios bucketed here (on device)
+# and float64 `mask_ratio`s of the same masks on the host can never put one mask in different levels.
 _EDGE_MARGIN = 1e-6
 
 
@@ -46,9 +47,9 @@ def _bucket(ratios: np.ndarray, levels: tuple[tuple[float, float], ...]) -> np.n
 
 @functools.partial(jax.jit, static_argnames=("n", "height", "width", "ranges"))
 def _hole_batch(key: jax.Array, n: int, height: int, width: int, ranges: StrokeRanges) -> tuple[jax.Array, jax.Array]:
-    """`n` masks with strokes as holes, as uint8 (1 = visible) to keep the host copy small."""
-    strokes = random_strokes(key, n, height, width, ranges)
-    return (1 - strokes).astype(jnp.uint8), strokes.sum(axis=(1, 2)).astype(jnp.int32)
+    """`n` masks with strokes as holes, as uint8 (1 = visible) to keep the host copy small, and their ratios."""
+    masks = (1 - random_strokes(key, n, height, width, ranges)).astype(jnp.uint8)
+    return masks, mask_ratio(masks)
 
 
 def _fill_levels(
@@ -69,8 +70,8 @@ def _fill_levels(
         if all(h >= c for h, c in zip(have, counts)):
             break
         key, sub = jax.random.split(key)
-        masks, holes = jax.device_get(_hole_batch(sub, batch, height, width, ranges))
-        index = _bucket(holes / (height * width), levels)
+        masks, ratios = jax.device_get(_hole_batch(sub, batch, height, width, ranges))
+        index = _bucket(ratios, levels)
         for i, need in enumerate(counts):
             take = np.flatnonzero(index == i)[: max(need - have[i], 0)]
             kept[i].append(masks[take])
