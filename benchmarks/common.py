@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -71,12 +72,19 @@ def quick_model(args: argparse.Namespace) -> None:
     args.depth, args.image_size, args.classes, args.width, args.windows, args.iters = 18, 32, 10, 0.125, 2, 1
 
 
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Writes `report` to `path` atomically (a killed run never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def finish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]], path: Path | None) -> dict[str, Any]:
     """Writes `{"benchmark", "machine", "settings", "results"}` and prints the table last."""
     report = {"benchmark": name, "machine": machine(), "settings": settings, "results": rows}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(path, report)
     print(table(report))
     return report
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# All GPU checks in one bounded run (<= 9 minutes on one H100): JAX search (also with the
-# space-to-depth stem), train, restorer and pipeline throughput, and the PyTorch peer on the same card.
+# All GPU checks in one bounded run (under 10 minutes on one H100: the per-step limits below sum to
+# 595 s): JAX search (also with the space-to-depth stem), the stem max-pool's custom gradient against
+# Flax's, train, restorer and pipeline throughput, and the PyTorch peer on the same card.
 # JSON goes to $OUT (or the first argument), a combined table is printed last.
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh        # QUICK=1 for a CPU smoke run
 set -uo pipefail
@@ -36,8 +37,9 @@ run() {  # name, time limit (s), command...
 run search "${T_SEARCH:-150}" "$py" benchmarks/search_throughput.py $quick --bf16 --chunk "${CHUNKS:-256,512}" --json "$out/search.json"
 JAXDESENS_SPACE_TO_DEPTH=1 run search_s2d "${T_SEARCH_S2D:-80}" "$py" benchmarks/search_throughput.py $quick --bf16 --chunk 256 \
   --stages scoring,ebp --json "$out/search_s2d.json"
+run maxpool "${T_MAXPOOL:-30}" "$py" benchmarks/maxpool_grad.py $quick --bf16 --json "$out/maxpool.json"
 run train "${T_TRAIN:-120}" "$py" benchmarks/train_throughput.py $quick --bf16 --json "$out/train.json"
-run peer_torch "${T_TORCH:-130}" "$py" benchmarks/peer_torch.py $torch_args --time_budget_s "${T_TORCH_BUDGET:-110}" --json "$out/peer_torch.json"
+run peer_torch "${T_TORCH:-110}" "$py" benchmarks/peer_torch.py $torch_args --time_budget_s "${T_TORCH_BUDGET:-90}" --json "$out/peer_torch.json"
 if [ "${QUICK:-0}" = 1 ]; then restorer_args="--quick"; else restorer_args="--preset gpu"; fi
 run restorer "${T_RESTORER:-60}" "$py" benchmarks/restorer_throughput.py $restorer_args --json "$out/restorer.json"
 run pipeline "${T_PIPE:-45}" "$py" benchmarks/pipeline_throughput.py $quick --images 10000 --json "$out/pipeline.json"

@@ -13,7 +13,10 @@ Measures, for one image size / batch / class count:
   each mask, with the masks folded into the batch (M*B images per call), eager and compiled.
 
 The model takes images in [0, 1] and normalises them as the Flax model does, `(x - 0.5) / 0.5`.
-On CUDA: bf16 autocast, channels_last, cuDNN benchmark mode, TF32 matmuls; on CPU: float32.
+On CUDA: bf16 autocast, channels_last, cuDNN benchmark mode, TF32 matmuls. On CPU: float32, each
+measurement in both memory layouts (contiguous NCHW and channels_last; channels_last is 15-25%
+faster for some of them with oneDNN), and the faster one is marked `"peer": true`: the peer the
+JAX numbers are held against.
 Each number is the median over timing windows of `--iters` calls each, after `--warmup` calls,
 with `torch.cuda.synchronize()` around every window.
 
@@ -25,7 +28,7 @@ The JSON file is rewritten after every measurement, so a killed run still leaves
     python benchmarks/peer_torch.py --json OUT.json [--device cuda|cpu] [--image_size 112]
         [--batch 256] [--classes 8631] [--scoring_masks 64,256] [--scoring_images 32]
         [--depth 34] [--compile|--no-compile] [--compile_mode default] [--time_budget_s 240]
-        [--compile_timeout_s 150] [--iters N] [--warmup N] [--windows N] [--quick]
+        [--compile_timeout_s 150] [--iters N] [--warmup N] [--windows N] [--layouts L,...] [--quick]
 
 `--compile` defaults to on for cuda and off for cpu. `--quick` is a CI-sized run (depth 18, 32 px,
 batch 4, 16 classes, 2 masks x 4 images, 2 calls x 2 windows); explicit flags override it.
@@ -71,6 +74,7 @@ QUICK = dict(depth=18, image_size=32, batch=4, classes=16, scoring_masks=(2,), s
              iters=2, warmup=1, windows=2, threads=1)  # one CPU thread: immune to a busy shared machine
 ITERATION_DEFAULTS = {"cuda": dict(iters=10, warmup=3, windows=5, threads=0),
                       "cpu": dict(iters=3, warmup=1, windows=3, threads=0)}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 PLAN = (("inference", "eager"), ("train_step", "eager"), ("scoring", "eager"),
         ("inference", "compile"), ("scoring", "compile"), ("train_step", "compile"))
 
@@ -206,7 +210,6 @@ class Runner:
         self.device = torch.device(settings["device"])
         self.cuda = self.device.type == "cuda"
         self.deadline = deadline
-        self.memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
         if self.cuda:
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls, as XLA's default
@@ -215,7 +218,6 @@ class Runner:
         self.gen = gen
         self.images = torch.rand(settings["batch"], 3, size, size, generator=gen).to(self.device)
         self.labels = torch.randint(0, settings["classes"], (settings["batch"],), generator=gen).to(self.device)
-        self.images = self.images.contiguous(memory_format=self.memory_format)
 
     def autocast(self):
         if self.cuda and self.s["dtype"] == "bfloat16":
@@ -226,10 +228,10 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def model(self, train: bool) -> nn.Module:
+    def model(self, train: bool, layout: str) -> nn.Module:
         net, _ = build_resnet(self.s["depth"], self.s["classes"], prefer_torchvision=not self.s["fallback_model"])
         net = net.to(self.device) if train else fold_batchnorm(net).to(self.device)
-        return Peer(net).to(memory_format=self.memory_format).train(train)
+        return Peer(net).to(memory_format=MEMORY_FORMATS[layout]).train(train)
 
     def compiled(self, module: Callable) -> Callable:
         return torch.compile(module, mode=None if self.s["compile_mode"] == "default" else self.s["compile_mode"],
@@ -257,10 +259,10 @@ class Runner:
             per_call.append((time.perf_counter() - t0) / self.s["iters"])
         return first, per_call
 
-    def result(self, name: str, variant: str, first: float, per_call: list[float], images: int,
+    def result(self, name: str, variant: str, layout: str, first: float, per_call: list[float], images: int,
                masks: int | None = None) -> dict[str, Any]:
         median = statistics.median(per_call)
-        row: dict[str, Any] = {"name": name, "variant": variant}
+        row: dict[str, Any] = {"name": name, "variant": variant, "layout": layout}
         if masks is not None:
             row.update(masks=masks, images_per_mask=images // masks, masks_per_s=masks / median)
         row.update(images_per_s=images / median, images_per_call=images, ms_per_call=median * 1e3,
@@ -269,28 +271,29 @@ class Runner:
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return row
 
-    # -- the three measurements; each yields its result rows ------------------------------------
+    # -- the three measurements: a callable each (shared with benchmarks/cpu_parity.py) ----------
 
-    def inference(self, variant: str):
-        model = self.model(train=False)
+    def inference_call(self, variant: str, layout: str) -> tuple[Callable[[], Any], int]:
+        """`(call, images per call)`: the BN-folded forward pass on the batch."""
+        model = self.model(train=False, layout=layout)
         forward = model if variant == "eager" else self.compiled(model)
-        x = self.images
+        x = self.images.contiguous(memory_format=MEMORY_FORMATS[layout])
 
         def call():
             with torch.inference_mode(), self.autocast():
                 return forward(x)
 
-        first, per_call = self.timed(call)
-        yield self.result("inference", variant, first, per_call, len(x))
+        return call, len(x)
 
-    def train_step(self, variant: str):
-        model = self.model(train=True)
+    def train_step_call(self, variant: str, layout: str) -> tuple[Callable[[], Any], int]:
+        """`(call, images per call)`: one SGD step on the batch."""
+        model = self.model(train=True, layout=layout)
         kernels = [p for p in model.parameters() if p.ndim > 1]
         others = [p for p in model.parameters() if p.ndim <= 1]
         opt = torch.optim.SGD([{"params": kernels, "weight_decay": WEIGHT_DECAY},
                                {"params": others, "weight_decay": 0.0}], lr=LR, momentum=MOMENTUM)
         forward = model if variant == "eager" else self.compiled(model)
-        x, y = self.images, self.labels
+        x, y = self.images.contiguous(memory_format=MEMORY_FORMATS[layout]), self.labels
 
         def step():
             with self.autocast():
@@ -301,19 +304,22 @@ class Runner:
             opt.zero_grad(set_to_none=True)
             return loss
 
-        first, per_call = self.timed(step)
-        yield self.result("train_step", variant, first, per_call, len(x))
+        return step, len(x)
 
-    def scoring(self, variant: str):
-        model = self.model(train=False)
+    def scoring_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         b, size = self.s["scoring_images"], self.s["image_size"]
         images = torch.rand(b, 3, size, size, generator=self.gen).to(self.device)
-        labels = torch.randint(0, self.s["classes"], (b,), generator=self.gen).to(self.device)
-        memory_format = self.memory_format
+        return images, torch.randint(0, self.s["classes"], (b,), generator=self.gen).to(self.device)
+
+    def scoring_call(self, variant: str, layout: str, masks: torch.Tensor, images: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[Callable[[], Any], int]:
+        """`(call, images per call)`: objective, CE and ratio of each mask `(M, H, W)` on the images
+        `(B, 3, H, W)`, the masks folded into the batch (M * B images per call)."""
+        model = self.model(train=False, layout=layout)
+        memory_format = MEMORY_FORMATS[layout]
         autocast = self.autocast
 
         def score(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor):
-            """Objective, CE and ratio of each mask `(M, H, W)` on the images `(B, 3, H, W)`."""
             m, n = masks.shape[0], images.shape[0]
             x = (images.unsqueeze(0) * masks[:, None, None]).reshape(m * n, *images.shape[1:])
             x = x.contiguous(memory_format=memory_format)
@@ -326,17 +332,33 @@ class Runner:
             return objective, ce, ratio
 
         scorer = score if variant == "eager" else self.compiled(score)
+
+        def call():
+            with torch.inference_mode():
+                return scorer(images, labels, masks)
+
+        return call, len(masks) * len(images)
+
+    def inference(self, variant: str):
+        for layout in self.s["layouts"]:
+            call, images = self.inference_call(variant, layout)
+            yield self.result("inference", variant, layout, *self.timed(call), images)
+
+    def train_step(self, variant: str):
+        for layout in self.s["layouts"]:
+            call, images = self.train_step_call(variant, layout)
+            yield self.result("train_step", variant, layout, *self.timed(call), images)
+
+    def scoring(self, variant: str):
+        images, labels = self.scoring_images()
+        size = self.s["image_size"]
         for i, m in enumerate(self.s["scoring_masks"]):
             if i and time.perf_counter() > self.deadline:
                 raise TimeoutError(f"time budget spent before M={m}")
             masks = (torch.rand(m, size, size, generator=self.gen) < 0.7).float().to(self.device)
-
-            def call(masks=masks):
-                with torch.inference_mode():
-                    return scorer(images, labels, masks)
-
-            first, per_call = self.timed(call)
-            yield self.result("scoring", variant, first, per_call, m * b, masks=m)
+            for layout in self.s["layouts"]:
+                call, n = self.scoring_call(variant, layout, masks, images, labels)
+                yield self.result("scoring", variant, layout, *self.timed(call), n, masks=m)
             del masks
             if self.cuda:
                 torch.cuda.empty_cache()
@@ -353,6 +375,13 @@ def _parse_masks(text: str) -> tuple[int, ...]:
     values = tuple(int(v) for v in text.split(",") if v.strip())
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"--scoring_masks wants positive integers like 64,256, got {text!r}")
+    return values
+
+
+def _parse_layouts(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or set(values) - set(MEMORY_FORMATS):
+        raise argparse.ArgumentTypeError(f"--layouts wants a comma list of {sorted(MEMORY_FORMATS)}, got {text!r}")
     return values
 
 
@@ -383,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (0 = torch's default; --quick uses 1, as OpenMP collapses when "
                         "the cores are shared)")
+    p.add_argument("--layouts", type=_parse_layouts, default=None,
+                   help="memory layouts to measure, of contiguous,channels_last (default: channels_last on cuda, "
+                        "both on cpu)")
     p.add_argument("--only", default=None, help="comma list of measurements to run (inference,train_step,scoring)")
     p.add_argument("--fallback_model", action="store_true", help="use the in-file ResNet even if torchvision imports")
     p.add_argument("--quick", action="store_true",
@@ -421,7 +453,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
              compile_mode=args.compile_mode,
              compile_timeout_s=args.compile_timeout_s, time_budget_s=args.time_budget_s, only=only,
              dtype="bfloat16" if device == "cuda" else "float32", autocast=device == "cuda",
-             channels_last=device == "cuda", fallback_model=args.fallback_model, inference_bn_folded=True,
+             layouts=args.layouts or (["channels_last"] if device == "cuda" else list(MEMORY_FORMATS)),
+             fallback_model=args.fallback_model, inference_bn_folded=True,
              optimizer=f"SGD lr={LR} momentum={MOMENTUM} weight_decay={WEIGHT_DECAY} (kernels only), foreach",
              scoring_objective=f"CE - {SCORING_GAMMA} * ratio, ratio floor {SCORING_MIN_RATIO}",
              torch_threads=torch.get_num_threads())
@@ -487,14 +520,26 @@ def _unit(row: dict) -> tuple[str, float, str]:
     return row["name"], row["images_per_s"], "images/s"
 
 
+def mark_peers(results: list[dict]) -> None:
+    """Marks `"peer": true` on the fastest layout of each measurement (name, variant, masks)."""
+    best: dict[tuple, dict] = {}
+    for row in results:
+        key = (row["name"], row["variant"], row.get("masks"))
+        if key not in best or row["ms_per_call"] < best[key]["ms_per_call"]:
+            best[key] = row
+    for row in results:
+        row["peer"] = any(row is b for b in best.values())
+
+
 def table(results: list[dict], skipped: list[dict]) -> str:
-    lines = ["| measurement | variant | value | unit |", "|---|---|---:|---|"]
+    lines = ["| measurement | variant | layout | value | unit |", "|---|---|---|---:|---|"]
     for row in results:
         label, value, unit = _unit(row)
-        lines.append(f"| {label} | {row['variant']} | {value:,.1f} | {unit} |")
+        peer = " (peer)" if row.get("peer") and len({r.get("layout") for r in results}) > 1 else ""
+        lines.append(f"| {label} | {row['variant']} | {row.get('layout', '')}{peer} | {value:,.1f} | {unit} |")
     for row in skipped:
         label = row["name"] + (f" M={row['masks']}" if "masks" in row else "")
-        lines.append(f"| {label} | {row['variant']} | skipped | - |")
+        lines.append(f"| {label} | {row['variant']} | | skipped | - |")
     return "\n".join(lines)
 
 
@@ -546,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                 for row in runner.run(name, variant):
                     report["results"].append(row)
                     done.append(row.get("masks"))
-                    log(f"{name}/{variant}: {_unit(row)[1]:,.1f} {_unit(row)[2]} ({row['ms_per_call']:.2f} ms/call)")
+                    log(f"{name}/{variant}/{row['layout']}: {_unit(row)[1]:,.1f} {_unit(row)[2]} "
+                        f"({row['ms_per_call']:.2f} ms/call)")
                     write()
             except Exception as err:  # an OOM or a budget stop: record it and go on
                 left = [m for m in masks if m not in done] if masks else None
@@ -563,8 +609,8 @@ def main(argv: list[str] | None = None) -> int:
             rows, reason = _run_child(name, settings, timeout)
             for row in rows:
                 report["results"].append(row)
-                log(f"{name}/compile: {_unit(row)[1]:,.1f} {_unit(row)[2]} ({row['ms_per_call']:.2f} ms/call, "
-                    f"first call {row['first_call_s']:.1f} s)")
+                log(f"{name}/compile/{row['layout']}: {_unit(row)[1]:,.1f} {_unit(row)[2]} "
+                    f"({row['ms_per_call']:.2f} ms/call, first call {row['first_call_s']:.1f} s)")
             if reason and masks:
                 done = [row["masks"] for row in rows]
                 if [m for m in masks if m not in done]:
@@ -573,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                 skip(name, variant, reason)
         write()
     report["complete"] = not report["skipped"]
+    mark_peers(report["results"])
     write()
     print()
     print(table(report["results"], report["skipped"]))

@@ -14,6 +14,9 @@ Modules (imported on use, so `import jaxdesens` stays light):
   jaxdesens.metrics         verification, image quality, inpainting attacks
   jaxdesens.federated       FedAvg over client parameter trees sharded on the mesh; Flower adapter
   jaxdesens.jobs            the CLI jobs (search, evaluate, pipeline)
+  jaxdesens.xla_flags       the XLA:CPU convolution flag, applied here, before JAX starts its backend
 """
+
+from jaxdesens import xla_flags  # noqa: F401  (must run before JAX starts; see its docstring)
 
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from helpers import PYTHON, ROOT, subprocess_env
     ("search_throughput.py", {"scoring", "generation", "forward", "ebp", "occlusion"}),
     ("train_throughput.py", {"train_step_resnet", "train_step_mask", "train_step_fsm", "embedding", "fsm_overhead"}),
     ("pipeline_throughput.py", {"decode_folder", "pipeline_memory", "pipeline_arrayrecord"}),
+    ("maxpool_grad.py", {"maxpool_grad_custom", "maxpool_grad_flax", "maxpool_grad_speedup"}),
 ])
 def test_benchmark_smoke(tmp_path, script, expected):
     out = tmp_path / "result.json"
@@ -26,6 +27,32 @@ def test_benchmark_smoke(tmp_path, script, expected):
     assert all(row["value"] > 0 for row in report["results"] if row["unit"] != "%")
     assert report["machine"]["platform"] == "cpu"
     assert "| measurement |" in result.stdout.splitlines()[-len(report["results"]) - 2]
+
+
+@pytest.mark.slow
+def test_cpu_parity_measures_jax_and_both_torch_layouts_in_one_process(tmp_path):
+    out = tmp_path / "parity.json"
+    env = subprocess_env()
+    env.pop("XLA_FLAGS")  # the project's defaults, as the benchmark is meant to be run
+    result = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "cpu_parity.py"), "--quick", "--json", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["name"] for row in report["results"]] == ["forward", "train_step", "scoring"]
+    assert report["rounds"] == 2 and report["machine"]["platform"] == "cpu"
+    assert report["settings"]["xla_flags"] == _project_flag()
+    for row in report["results"]:
+        rates = {layout: row[f"torch_{layout}_per_s"] for layout in ("contiguous", "channels_last")}
+        assert row["peer_layout"] == max(rates, key=rates.get)  # the faster layout is the peer
+        assert row["value"] == pytest.approx(rates[row["peer_layout"]] / row["jax_per_s"])
+        assert all(len(row[f"{s}_ms"]) == 2 for s in ("jax", "torch_contiguous", "torch_channels_last"))
+    assert "| forward |" in result.stdout and "JAX/PyTorch time" in result.stdout
+
+
+def _project_flag() -> str | None:
+    from jaxdesens import xla_flags
+
+    return xla_flags.CONVOLUTION_FLAG if xla_flags.installed_jaxlib() in xla_flags.VERIFIED_JAXLIB else None
 
 
 def test_summary_combines_reports_and_ratios(tmp_path):

@@ -1,5 +1,6 @@
-"""The PyTorch peer benchmark (`benchmarks/peer_torch.py`): a CI-sized run on the CPU, the bounded
-compile child, and the in-file ResNet fallback against torchvision's documented parameter counts.
+"""The PyTorch peer benchmark (`benchmarks/peer_torch.py`): a CI-sized run on the CPU in both memory
+layouts with the faster one marked as the peer, the bounded compile child, and the in-file ResNet
+fallback against torchvision's documented parameter counts.
 
 torch is a test dependency, so these tests import it and fail (not skip) where it is missing.
 """
@@ -34,7 +35,7 @@ def _run(tmp_path: Path, *flags: str) -> dict:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out), "--device", "cpu", *flags],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| measurement | variant | value | unit |" in proc.stdout
+    assert "| measurement | variant | layout | value | unit |" in proc.stdout
     return json.loads(out.read_text())
 
 
@@ -53,12 +54,17 @@ def test_quick_cpu_run_writes_positive_numbers(tmp_path):
     assert (settings["depth"], settings["image_size"], settings["batch"], settings["scoring_masks"]) == (18, 32, 4, [2])
     assert settings["dtype"] == "float32" and settings["compile"] is False
     assert report["complete"] is True and report["skipped"] == []
-    rows = {(r["name"], r["variant"], r.get("masks")): r for r in report["results"]}
-    assert set(rows) == {("inference", "eager", None), ("train_step", "eager", None), ("scoring", "eager", 2)}
+    assert settings["layouts"] == ["contiguous", "channels_last"]  # the CPU peer measures both
+    rows = {(r["name"], r["variant"], r.get("masks"), r["layout"]): r for r in report["results"]}
+    measurements = (("inference", None), ("train_step", None), ("scoring", 2))
+    assert set(rows) == {(n, "eager", m, layout) for n, m in measurements for layout in settings["layouts"]}
+    for n, m in measurements:
+        pair = [rows[(n, "eager", m, layout)] for layout in settings["layouts"]]
+        assert [min(pair, key=lambda r: r["ms_per_call"])] == [r for r in pair if r["peer"]]
     for row in report["results"]:
         assert row["images_per_s"] > 0 and row["ms_per_call"] > 0
         assert len(row["window_ms"]) == settings["windows"] and all(t > 0 for t in row["window_ms"])
-    scoring = rows[("scoring", "eager", 2)]
+    scoring = rows[("scoring", "eager", 2, "channels_last")]
     assert scoring["masks_per_s"] > 0 and scoring["images_per_mask"] == settings["scoring_images"]
     assert scoring["images_per_s"] == pytest.approx(scoring["masks_per_s"] * settings["scoring_images"])
 
@@ -66,11 +72,22 @@ def test_quick_cpu_run_writes_positive_numbers(tmp_path):
 @pytest.mark.slow
 def test_compile_child_is_bounded(tmp_path):
     """A compile that cannot finish in its time limit is killed and listed as skipped."""
-    report = _run(tmp_path, "--quick", "--only", "inference", "--compile", "--compile_timeout_s", "2")
+    report = _run(tmp_path, "--quick", "--only", "inference", "--layouts", "contiguous", "--compile",
+                  "--compile_timeout_s", "2")
     assert [(r["name"], r["variant"]) for r in report["results"]] == [("inference", "eager")]
     assert [(s["name"], s["variant"]) for s in report["skipped"]] == [("inference", "compile")]
     assert "killed after" in report["skipped"][0]["reason"]
     assert report["complete"] is False
+
+
+def test_the_faster_layout_of_each_measurement_is_the_peer():
+    rows = [{"name": "inference", "variant": "eager", "layout": "contiguous", "ms_per_call": 10.0},
+            {"name": "inference", "variant": "eager", "layout": "channels_last", "ms_per_call": 8.0},
+            {"name": "scoring", "variant": "eager", "masks": 8, "layout": "contiguous", "ms_per_call": 5.0},
+            {"name": "scoring", "variant": "eager", "masks": 8, "layout": "channels_last", "ms_per_call": 6.0},
+            {"name": "scoring", "variant": "eager", "masks": 64, "layout": "channels_last", "ms_per_call": 50.0}]
+    _peer().mark_peers(rows)
+    assert [r["peer"] for r in rows] == [False, True, True, False, True]
 
 
 def test_fallback_resnet_matches_torchvision_parameter_counts():

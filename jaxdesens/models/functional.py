@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdesens.models.conv import conv2d
+from jaxdesens.models.pooling import max_pool  # 3x3, stride 2, padding 1: the ResNet stem's pool
 from jaxdesens.models.resnet import BN_EPSILON, STAGE_NAMES, STAGE_SIZES
 
 BOUNDARIES = ("input", "stem", *STAGE_NAMES, "logits")
@@ -60,11 +61,6 @@ def conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     """Convolution with PyTorch-style symmetric padding (k // 2), as in `resnet.py`."""
     pad = w.shape[0] // 2
     return conv2d(x, w, stride, ((pad, pad), (pad, pad)))
-
-
-def max_pool(x: jax.Array) -> jax.Array:
-    # A Python scalar init value keeps reduce_window differentiable under jit.
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 class PlainOps:

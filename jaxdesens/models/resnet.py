@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxdesens.models.conv import Conv
 from jaxdesens.models.fsm import FeatureSelectionMasknet
+from jaxdesens.models.pooling import max_pool
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -81,7 +82,7 @@ class ResNet(nn.Module):
         x = Conv(stage_width(0, self.width), 7, 2, padding=3, dtype=self.dtype, name="stem_conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                          dtype=self.dtype, name="stem_bn")(x)
-        x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(nn.relu(x))  # 3x3, stride 2, padding 1, with a fast gradient (pooling.py)
         features = {}
         for stage, blocks in enumerate(STAGE_SIZES[self.depth]):
             for block in range(blocks):
