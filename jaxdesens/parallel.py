@@ -24,10 +24,14 @@ def maybe_initialize_distributed() -> bool:
     """Joins a multi-host job when its coordinator is configured in the environment.
 
     Set `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (or run
-    under a cluster JAX auto-detects, such as SLURM, with `JAX_COORDINATOR_ADDRESS` set).
+    under a cluster JAX auto-detects, such as SLURM, with `JAX_COORDINATOR_ADDRESS` set). On CPU
+    the processes' collectives run over TCP with gloo (`jax_cpu_collectives_implementation`, the
+    default since JAX 0.10; set here for older versions, whose default had none).
     """
     if not any(os.environ.get(name) for name in _DISTRIBUTED_ENV) or jax.distributed.is_initialized():
         return False
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {}
     if os.environ.get("JAX_NUM_PROCESSES"):
         kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
@@ -57,9 +61,15 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
 
 
 def put_batch(batch: Any, mesh: Mesh) -> Any:
-    """Assembles process-local host arrays into global arrays sharded along the batch axis."""
+    """Global host batches (every process builds the same one from the seed) as global arrays
+    sharded along the batch axis: each process places only the rows of its own devices."""
     sharding = batch_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, batch)
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:

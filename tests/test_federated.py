@@ -347,7 +347,7 @@ class LocalTransport:
             try:
                 if node in self.broken and kind == "train":
                     raise self.broken[node]
-                reply = getattr(Client(self.settings[node], log=lambda _: None), kind.split(".")[-1])(payload)
+                reply = Client(self.settings[node], log=lambda _: None).handle(kind.split(".")[-1], payload)
                 self.received.append((kind, node, reply))
                 replies[node] = proto.Reply(payload=reply)
             except Exception as err:  # as Flower reports a ClientApp's exception

@@ -7,19 +7,24 @@ each handler rebuilds the client from its node config (the flags of `launch/fede
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from jaxdesens.federation.flower_records import from_records, to_records
 from jaxdesens.federation.participant import Client, NodeSettings
 
+# grain (imported by the data pipeline) gives the root logger a handler: without this every Flower
+# record, DEBUG included, would be printed a second time. Flower's own handler still prints its own.
+logging.getLogger("flwr").propagate = False
 app = ClientApp()
 
 
 def _answer(action: str, message: Message, context: Context) -> Message:
     client = Client(NodeSettings.from_node_config(dict(context.node_config)),
                     log=lambda text: print(text, flush=True))
-    reply = getattr(client, action)(from_records(message.content))
+    reply = client.handle(action, from_records(message.content))
     return Message(to_records(reply), reply_to=message)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from jaxdesens.config import TrainConfig
 from jaxdesens.federation.config import FederatedConfig, ServerOptions
 from jaxdesens.federation.coordinator import ServerJob
-from jaxdesens.federation.participant import FINISHED, NodeSettings
+from jaxdesens.federation.participant import FAILED, FINISHED, NodeSettings
 
 APP_NAME = "jaxdesens-federation"
 CONNECTION = "jaxdesens"
@@ -157,6 +157,14 @@ class Processes:
         self.children.clear()
 
 
+def terminate_on_sigterm() -> None:
+    """SIGTERM ends this process through its `finally` blocks, so the processes it started stop too."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(process.pid, sig)
@@ -252,6 +260,7 @@ def run_server(job: ServerJob, address: str, log: Callable[[str], None] = print)
     flower_home = Path(job.workdir).resolve() / "flower"
     processes = Processes()
     try:
+        terminate_on_sigterm()
         link = start_superlink(processes, address, flower_home)
         log(f"Flower SuperLink on {address} (log {flower_home / 'superlink.log'}); waiting for "
             f"{job.federated['clients']} clients")
@@ -277,16 +286,24 @@ def run_client(settings: NodeSettings, server_address: str, connect_timeout: flo
     require_flwr()
     workdir = Path(settings.workdir).resolve()
     settings = dataclasses.replace(settings, workdir=str(workdir))
-    (workdir / FINISHED).unlink(missing_ok=True)
+    for marker in (FINISHED, FAILED):
+        (workdir / marker).unlink(missing_ok=True)
     flower_home = workdir / "flower"
     processes = Processes()
     log_path = workdir / "supernode.log"
     try:
+        terminate_on_sigterm()
         node = processes.start(settings.label(), supernode_command(settings, server_address, connect_timeout), log_path,
                                process_env(flower_home))
+        (workdir / "supernode.pid").write_text(str(node.pid))  # its process group: the SuperNode and its children
         log(f"{settings.label()}: SuperNode connecting to {server_address} (log {log_path}); waiting for the run")
-        while node.poll() is None and not (workdir / FINISHED).exists():
+        while node.poll() is None and not (workdir / FINISHED).exists() and not (workdir / FAILED).exists():
             time.sleep(0.5)
+        if (workdir / FAILED).exists():
+            import json
+
+            reason = json.loads((workdir / FAILED).read_text())["reason"]
+            raise FlowerError(f"{settings.label()} left the run: {reason}")
         if node.poll() is not None:
             raise FlowerError(f"{settings.label()}: its SuperNode exited with status {node.returncode} (could not "
                               f"reach {server_address} within --connect_timeout={connect_timeout:.0f} s, or failed); "
@@ -320,6 +337,7 @@ def run_all(job: ServerJob, data: str | None, key: str | None, connect_timeout: 
     processes = Processes()
     key = federation_key(workdir, key)
     try:
+        terminate_on_sigterm()
         link = start_superlink(processes, f"127.0.0.1:{free_port()}", flower_home)
         for i in range(job.federated["clients"]):
             settings = NodeSettings(workdir=str(workdir / f"client_{i}"), data=data, partition=i, federation_key=key)

@@ -8,6 +8,7 @@ pulls), and a round waits at most `--round_timeout`.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flwr.app import Context, Message
@@ -18,6 +19,9 @@ from jaxdesens.federation.flower_records import from_records, to_records
 from jaxdesens.federation.protocol import Payload, Reply
 
 POLL_SECONDS = 0.5
+# grain (imported by the data pipeline) gives the root logger a handler: without this every Flower
+# record, DEBUG included, would be printed a second time. Flower's own handler still prints its own.
+logging.getLogger("flwr").propagate = False
 app = ServerApp()
 
 

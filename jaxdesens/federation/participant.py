@@ -34,6 +34,7 @@ from jaxdesens.train import MaskSource, load_data
 from jaxdesens.workdir import RunDirectory, write_json_atomic
 
 FINISHED = "federation-finished.json"  # written in the client's workdir when the server ends the run
+FAILED = "federation-failed.json"  # written when the client refuses or fails a message (and why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,15 @@ class Client:
         self.name = settings.label()
 
     # --------------------------------------------------------------------- shared steps
+
+    def handle(self, action: str, payload: proto.Payload) -> proto.Payload:
+        """Answers one message ("register", "train" or "evaluate"). A failure is also written to
+        the workdir: the server drops a failed client from the run, so its command stops too."""
+        try:
+            return getattr(self, action)(payload)
+        except Exception as err:
+            write_json_atomic(Path(self.settings.workdir) / FAILED, {"action": action, "reason": str(err)})
+            raise
 
     def _run(self, payload: proto.Payload) -> tuple[TrainConfig, FederatedConfig, MaskSource, IdentitySet]:
         """The server's run as this client sees it: config, checked masks and its own images."""
