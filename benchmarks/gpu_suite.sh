@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# All GPU checks in one bounded run (<= 8 minutes on one H100): JAX search (also with the
-# space-to-depth stem), train and pipeline throughput, and the PyTorch peer on the same card.
+# All GPU checks in one bounded run (<= 9 minutes on one H100): JAX search (also with the
+# space-to-depth stem), train, restorer and pipeline throughput, and the PyTorch peer on the same card.
 # JSON goes to $OUT (or the first argument), a combined table is printed last.
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh        # QUICK=1 for a CPU smoke run
 set -uo pipefail
@@ -38,5 +38,7 @@ JAXDESENS_SPACE_TO_DEPTH=1 run search_s2d "${T_SEARCH_S2D:-80}" "$py" benchmarks
   --stages scoring,ebp --json "$out/search_s2d.json"
 run train "${T_TRAIN:-120}" "$py" benchmarks/train_throughput.py $quick --bf16 --json "$out/train.json"
 run peer_torch "${T_TORCH:-130}" "$py" benchmarks/peer_torch.py $torch_args --time_budget_s "${T_TORCH_BUDGET:-110}" --json "$out/peer_torch.json"
+if [ "${QUICK:-0}" = 1 ]; then restorer_args="--quick"; else restorer_args="--preset gpu"; fi
+run restorer "${T_RESTORER:-60}" "$py" benchmarks/restorer_throughput.py $restorer_args --json "$out/restorer.json"
 run pipeline "${T_PIPE:-45}" "$py" benchmarks/pipeline_throughput.py $quick --images 10000 --json "$out/pipeline.json"
 "$py" benchmarks/summarize.py "$out"

@@ -1,5 +1,6 @@
 """Throughput of the search stages: candidate scoring (masks/s), candidate generation (masks/s),
-EBP saliency (maps/s) against plain forward inference (images/s).
+EBP saliency (maps/s) against plain forward inference (images/s), and occlusion saliency (maps/s:
+one map is a forward per patch position).
 
     python benchmarks/search_throughput.py --depth 34 --image_size 112 --batch_images 32 \
         --chunk 256 --bf16 --json out.json
@@ -18,9 +19,10 @@ from jaxdesens.masks.freeform import StrokeRanges
 from jaxdesens.models import ResNet, conv
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import saliency_maps
+from jaxdesens.saliency.occlusion import default_patch, occlusion_maps, patch_masks
 from jaxdesens.search import make_candidates, score_masks
 
-STAGES = ("scoring", "generation", "ebp")  # ebp includes the plain forward it is compared with
+STAGES = ("scoring", "generation", "ebp", "occlusion")  # ebp includes the plain forward it is compared with
 
 
 def scoring_rows(args, folded, images, labels, template, ranges, key) -> list[dict]:
@@ -73,6 +75,20 @@ def forward_and_ebp_rows(args, folded, folded32, key) -> list[dict]:
     return rows
 
 
+def occlusion_row(args, folded, key) -> dict:
+    """Maps/s of `occlusion_maps` (patch = an eighth of the side, stride half a patch), end to end."""
+    size, patch = args.image_size, default_patch(args.image_size)
+    images = jax.device_get(jax.random.uniform(key, (args.occlusion_batch, size, size, 3), dtype=jnp.float32))
+    labels = jax.device_get(jax.random.randint(key, (args.occlusion_batch,), 0, args.classes))
+    positions = len(patch_masks((size, size), patch, patch // 2))
+    run = lambda: occlusion_maps(folded, images, labels, patch=patch, stride=patch // 2,  # noqa: E731
+                                 batch_size=args.occlusion_batch, chunk=args.occlusion_chunk)
+    r = common.time_it(run, args.occlusion_batch, warmup=1, windows=args.windows, iters=1)
+    return {"name": "occlusion", "value": r["per_s"], "unit": "maps/s",
+            "notes": f"{positions} patches of {patch} px per map, {args.occlusion_chunk} per call, batch "
+                     f"{args.occlusion_batch}; {r['per_s'] * positions:,.0f} masked forwards/s", **r}
+
+
 def main() -> None:
     parser = common.base_parser(__doc__)
     common.add_model_flags(parser)
@@ -80,7 +96,9 @@ def main() -> None:
     parser.add_argument("--chunk", default="256", help="masks per vmapped call (comma-separated to try several)")
     parser.add_argument("--ebp_batch", type=int, default=256)
     parser.add_argument("--generation_chunk", type=int, default=4096)
-    parser.add_argument("--saliency_layer", default="layer2")
+    parser.add_argument("--saliency_layer", default="layer3")
+    parser.add_argument("--occlusion_batch", type=int, default=16, help="images per occlusion call")
+    parser.add_argument("--occlusion_chunk", type=int, default=64, help="patch masks per vmapped call")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     args = parser.parse_args()
     stages = args.stages.split(",")
@@ -89,6 +107,7 @@ def main() -> None:
     if args.quick:
         common.quick_model(args)
         args.batch_images, args.chunk, args.ebp_batch, args.generation_chunk = 4, "8", 8, 64
+        args.occlusion_batch, args.occlusion_chunk = 2, 16
     size, dtype = args.image_size, jnp.bfloat16 if args.bf16 else jnp.float32
     model = ResNet(depth=args.depth, num_classes=args.classes, width=args.width)
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
@@ -105,6 +124,8 @@ def main() -> None:
         rows.append(generation_row(args, template, ranges, key))
     if "ebp" in stages:
         rows += forward_and_ebp_rows(args, folded, fold_batchnorm(variables, args.depth, jnp.float32), key)
+    if "occlusion" in stages:
+        rows.append(occlusion_row(args, folded, key))
     settings = vars(args) | {"json": str(args.json), "space_to_depth_stem": conv.SPACE_TO_DEPTH}
     common.finish("search_throughput", settings, rows, args.json)
 

@@ -24,6 +24,7 @@ TRAIN_HELP = {
     "momentum": "SGD momentum",
     "weight_decay": "L2 weight decay on convolution and dense kernels",
     "bf16": "bfloat16 compute with float32 parameters",
+    "zero_init_residual": "start every residual block as the identity (last BatchNorm scale 0)",
     "flip": "random horizontal flips (turned off on a desensitized export)",
     "seed": "seed of the initialisation, batches, flips and random masks",
     "holdout": "share of identities held out (never trained on) for verification",
@@ -61,6 +62,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     bf16: bool = False
+    zero_init_residual: bool = False
     flip: bool = True
     seed: int = 0
     holdout: float = 0.25

@@ -25,7 +25,8 @@ class TrainState(train_state.TrainState):
 def build_model(config: TrainConfig, num_classes: int) -> ResNet:
     return ResNet(depth=config.depth, num_classes=num_classes, width=config.width,
                   dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
-                  fsm_after=config.fsm_after if config.model == "fsm" else None)
+                  fsm_after=config.fsm_after if config.model == "fsm" else None,
+                  zero_init_residual=config.zero_init_residual)
 
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:

@@ -5,8 +5,10 @@
 
 FACES is an identity folder (one sub-folder per identity) or a flat folder of images. EXPORT gets
 `<pseudonym>/<id>.png` (or `images/<id>.png`) lossless PNGs with no metadata, `mask.png`,
-`manifest.json` and `privacy_report.{json,md}`. Pseudonyms and ids are keyed hashes under the
---key file (created if missing; never written to EXPORT). Unreadable inputs are skipped and
+`manifest.json` and `privacy_report.{json,md}`. Pseudonyms, ids and the manifest's file digests
+are keyed under the --key file (created if missing; never written to EXPORT); a key per recipient
+changes them all but not the pixels, so recipients who pool exports can still link them image by
+image. Unreadable inputs are skipped and
 listed in an owner-side log next to the key file (--strict stops instead). An interrupted export
 continues with --resume. Train on it with `launch/train.py --model=fsm --data=EXPORT`.
 """
@@ -23,7 +25,8 @@ from jaxdesens.desensitize.export import ExportJob
 HELP = {
     "data": "input: identity folder (one sub-folder per identity) or a flat folder of images",
     "out": "new output folder (refused if inside the input, or not empty without --resume)",
-    "key": "owner's secret key file for pseudonyms and ids (created if missing; keep it, never ship it)",
+    "key": "owner's secret key file for pseudonyms, ids and digest salt (created if missing; keep it, never ship "
+           "it); another key per recipient does not stop linking by pixels",
     "mask": "mask .png/.npy from launch/search.py (1/255 = visible) for --method=mask",
     "method": "mask (the paper's method), or blur / mosaic for comparison",
     "size": "blur kernel size or mosaic block (default: the paper's strong size for --image_size)",
@@ -37,6 +40,10 @@ HELP = {
     "batch": "images per batch", "workers": "decode/encode threads (0 = automatic)",
     "check_alignment": "find the faces of 24 sampled images and warn when they do not look aligned (needs the "
                        "faces extra)",
+    "audit": "re-identification audit in the privacy report: dlib, one clean gallery photo per person (numbers only "
+             "in the export; details in the owner log; needs the faces extra, else the report says it did not run)",
+    "audit_probes": "cap on the audit's probes (and people), spread over people (dlib: about 0.1-0.2 s per image per "
+                    "condition on a CPU)",
 }
 
 

@@ -2,11 +2,14 @@ r"""Evaluate utility and privacy of trained recognizers: the paper's Tables 1-5 
 
     python launch/evaluate.py --checkpoint=WORKDIR [--checkpoint=WORKDIR ...] [--data=DIR] \
         --mask=MASK.png --out=DIR [--lfw_pairs=pairs.txt --lfw_root=DIR] [--flip] \
-        [--repeats=5] [--baseline_n=200] [--attacks=all] [--attack_images=100] [--seed=0]
+        [--repeats=5] [--baseline_n=200] [--attacks=all] [--attack_images=100] [--seed=0] \
+        [--audit=true --audit_probes=100 --restorer=RESTORER_WORKDIR]
 
 Each checkpoint's role (resnet, resnet-mask, resnet-fsm) comes from its run.json. The test
 pairs are the checkpoints' held-out identities of --data (default: the data they were trained
-on), or LFW pairs with --lfw_pairs/--lfw_root. Writes results.json, report.md and figures.
+on), or LFW pairs with --lfw_pairs/--lfw_root. The re-identification audit (dlib and the mask /
+FSM checkpoints as the recipient's models, on the checkpoints' training identities) and
+privacy_utility.png come with it unless --audit=false. Writes results.json, report.md and figures.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ HELP = {
     "attacks": "restoration attacks on the searched mask: all, none or a comma list of biharmonic,navier-stokes,telea",
     "attack_images": "test images the attacks restore (a fixed subset; 0 = all; biharmonic is slow)",
     "examples": "test faces in examples.png", "batch_size": "images per embedding call",
-    "seed": "seed of the random level masks, the baseline candidates and the attack subset",
+    "seed": "seed of the random level masks, the baseline candidates, the attack subset and the audit's gallery",
+    "audit": "re-identification audit of the checkpoints' training identities (dlib costs about 0.1-0.2 s per "
+             "image per condition on a CPU)",
+    "audit_probes": "cap on the audit's probes, spread over people (0 = every photo but the gallery's)",
+    "audit_attackers": "off-the-shelf attackers of the audit: dlib, pixels (comma list; empty = only the mask/FSM "
+                       "checkpoints as the recipient's models)",
+    "restorer": "workdir of launch/restore.py: the audit also re-identifies after this learned restoration",
 }
 
 

@@ -3,9 +3,11 @@
     python launch/search.py --checkpoint=WORKDIR [--data=DIR] --n=2000 --T=0.5 --K=64 \
         --gamma=1.0 --batch_images=32 --out=DIR --seed=0
 
-Builds the EBP template S from K training images, scores n free-form candidates max(m_r, S)
-in vmapped chunks, and writes the best mask (mask.png / mask.npy), the candidate table, figures
-and a held-out verification comparison. --without_ebp and --level=L give the paper's ablations.
+Builds the EBP template S from K training images (or from occlusion sensitivity with
+--saliency=occlusion), measures how faithful it is to occlusion, scores n free-form candidates
+max(m_r, S) in vmapped chunks, and writes the best mask (mask.png / mask.npy), the candidate
+table, figures and a held-out verification comparison. --without_ebp and --level=L give the
+paper's ablations.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ HELP = {
     "adapt_floor": "lower the floor to 90%% of what the template leaves hideable when T keeps too much",
     "bf16": "score in bfloat16", "evaluate": "compare held-out verification under the mask and random masks",
     "saliency_layer": "layer the EBP map is read at", "contrast_layer": "layer the contrastive signal is taken at",
+    "saliency": "what the template is made from: ebp (the paper's contrastive Excitation Backprop) or occlusion "
+                "(the rise in cross-entropy when a patch is hidden)",
+    "occlusion_patch": "side of the occlusion patch in pixels (0 = an eighth of the image side)",
+    "occlusion_stride": "step between occlusion patches (0 = half the patch)",
+    "faithfulness": "measure the template against occlusion (summary.json, faithfulness.png)",
 }
 
 

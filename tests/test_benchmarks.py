@@ -11,7 +11,7 @@ from helpers import PYTHON, ROOT, subprocess_env
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,expected", [
-    ("search_throughput.py", {"scoring", "generation", "forward", "ebp"}),
+    ("search_throughput.py", {"scoring", "generation", "forward", "ebp", "occlusion"}),
     ("train_throughput.py", {"train_step_resnet", "train_step_mask", "train_step_fsm", "embedding", "fsm_overhead"}),
     ("pipeline_throughput.py", {"decode_folder", "pipeline_memory", "pipeline_arrayrecord"}),
 ])

@@ -7,9 +7,11 @@ top-down winning probability of input unit j is
     P_j = sum_i  w+_ij a_j / (sum_k w+_ik a_k) * P_i        (zero denominator: unit i passes nothing)
 
 Every layer of the reference is an explicit dense matrix on its flattened (H, W, C) input, built
-with loops, so it shares no code with `jaxdesens.saliency.ebp` or `lax.conv`; a residual block
-`conv2(h) + shortcut(x)` is one affine layer over the concatenation (h, x). ReLU and max-pooling
-use their ordinary gradients (max-pool: all signal to the window's argmax).
+with loops, so it shares no code with `jaxdesens.saliency.ebp` or `lax.conv`. A residual sum
+`y = a + b` (a = conv2(h), b = x or proj(x)) splits P by the raw inputs, `P_a = P_y a / y`, as
+Caffe's eltwise layer and TorchRay do. ReLU and max-pooling use their ordinary gradients
+(max-pool: all signal to the window's argmax). `test_ebp_reference.py` compares whole ResNets
+with a PyTorch implementation on the unfolded network.
 
 The tiny networks below are built from the library's `excite` and layer specs; a zero "probe"
 added to the input of every layer makes one `jax.vjp` return the signal at each layer. The
@@ -34,7 +36,6 @@ from jaxdesens.saliency.ebp import (
     Dense,
     ExcitationOps,
     GlobalMean,
-    Residual,
     excitation_signal,
     excite,
     saliency_maps,
@@ -42,7 +43,7 @@ from jaxdesens.saliency.ebp import (
 )
 
 RTOL = 1e-4
-ATOL = 1e-7  # signals are sums of non-negative terms; atol only guards exact zeros vs float32 dust
+ATOL = 1e-6  # guards exact zeros and the raw residual split's cancellations against float32 dust
 BATCH = 2
 
 # ----------------------------------------------------------------------------------------------
@@ -86,20 +87,6 @@ def avgpool_matrix(in_shape, window):
                 for dx in range(window):
                     for ch in range(c):
                         m[oy, ox, ch, oy * window + dy, ox * window + dx, ch] = 1.0 / window**2
-    return m.reshape(ho * wo * c, h * w * c), (ho, wo, c)
-
-
-def area_halve_matrix(in_shape):
-    """2x2 mean, stride 2, output ceil(n / 2), padded cells excluded (the "area" shortcut rule)."""
-    h, w, c = in_shape
-    ho, wo = (h + 1) // 2, (w + 1) // 2
-    m = np.zeros((ho, wo, c, h, w, c))
-    for oy in range(ho):
-        for ox in range(wo):
-            cells = [(iy, ix) for iy in (2 * oy, 2 * oy + 1) for ix in (2 * ox, 2 * ox + 1) if iy < h and ix < w]
-            for iy, ix in cells:
-                for ch in range(c):
-                    m[oy, ox, ch, iy, ix, ch] = 1.0 / len(cells)
     return m.reshape(ho * wo * c, h * w * c), (ho, wo, c)
 
 
@@ -160,20 +147,14 @@ def _ref_forward(layer, x):
         z1 = m1 @ x.ravel() + np.tile(c1["b"], hshape[0] * hshape[1])
         h = np.maximum(z1, 0.0)
         m2, yshape = conv_matrix(hshape, c2["w"], 1)
-        bias = np.tile(c2["b"], yshape[0] * yshape[1])
-        rule = layer[3] if len(layer) > 3 else "exact"
+        a = m2 @ h + np.tile(c2["b"], yshape[0] * yshape[1])
         if "proj" in params:
             pr = _f64(params["proj"])
             ms, _ = conv_matrix(x.shape, pr["w"], stride)
-            bias = bias + np.tile(pr["b"], yshape[0] * yshape[1])
-            ms_positive_model = ms
-            if rule == "area":  # the projection's positive model reads the 2x2 area it samples
-                area, halved = area_halve_matrix(x.shape)
-                ms_positive_model = conv_matrix(halved, pr["w"], 1)[0] @ area
+            b = ms @ x.ravel() + np.tile(pr["b"], yshape[0] * yshape[1])
         else:
-            ms = ms_positive_model = np.eye(x.size)
-        z2 = m2 @ h + ms @ x.ravel() + bias
-        return z2.reshape(yshape), (m1, z1, h, m2, ms_positive_model)
+            ms, b = None, x.ravel()
+        return (a + b).reshape(yshape), (m1, z1, h, m2, ms, a, b)
     raise AssertionError(kind)
 
 
@@ -192,10 +173,12 @@ def _ref_backward(layer, x, cache, p_out):
         return p_in
     if kind == "flatten":
         return p_out.reshape(x.shape)
-    if kind == "block":  # one affine layer over (h, x), plus the conv1 path from h down to x
-        m1, z1, h, m2, ms = cache
-        p_hx = ebp_affine(np.hstack([m2, ms]), np.concatenate([h, x.ravel()]), p_out.ravel())
-        p_h, p_x_shortcut = p_hx[: h.size], p_hx[h.size :]
+    if kind == "block":  # the sum splits by raw inputs; each input follows its own rule; conv1 path to x
+        m1, z1, h, m2, ms, a, b = cache
+        y = a + b
+        share = np.divide(p_out.ravel(), y, out=np.zeros_like(y), where=y != 0)
+        p_h = ebp_affine(m2, h, share * a)
+        p_x_shortcut = share * b if ms is None else ebp_affine(ms, x.ravel(), share * b)
         p_z1 = p_h * (z1 > 0)
         return (p_x_shortcut + ebp_affine(m1, x.ravel(), p_z1)).reshape(x.shape)
     raise AssertionError(kind)
@@ -258,8 +241,7 @@ def _lib_layer(layer, x):
         return excite(GlobalMean(), x, ())
     if kind == "block":  # as `functional._block`, without its final ReLU (a separate layer here)
         h = jax.nn.relu(excite(Conv(layer[2]), x, params["conv1"]))
-        branch = {k: params[k] for k in ("conv2", "proj") if k in params}
-        return excite(Residual(layer[2], layer[3] if len(layer) > 3 else "exact"), (h, x), branch)
+        return ExcitationOps.residual(h, x, params, layer[2])
     raise AssertionError(kind)
 
 
@@ -339,9 +321,6 @@ NETS = {
     "residual_projection": ((6, 6, 2), lambda r, b: [("conv", _conv(r, 3, 2, 3, b), 1), ("relu",),
                                                      ("block", _block(r, 3, 4, 2, b), 2), ("relu",), ("gmean",),
                                                      ("dense", _dense(r, 4, 4, b))]),
-    "residual_projection_area": ((7, 6, 2), lambda r, b: [("conv", _conv(r, 3, 2, 3, b), 1), ("relu",),
-                                                          ("block", _block(r, 3, 4, 2, b), 2, "area"), ("relu",),
-                                                          ("gmean",), ("dense", _dense(r, 4, 4, b))]),
     "two_blocks_avgpool": ((8, 7, 2), lambda r, b: [("conv", _conv(r, 3, 2, 3, b), 1), ("relu",),
                                                     ("block", _block(r, 3, 3, 1, b), 1), ("relu",),
                                                     ("block", _block(r, 3, 4, 2, b), 2), ("relu",), ("avgpool", 2),
@@ -383,18 +362,23 @@ def test_signals_match_reference_at_every_layer(net_case):
     assert np.abs(p_x).max() > 0, "trivial case: no signal reached the input"
 
 
-def test_plain_signals_are_non_negative(net_case):
-    _, _, _, _, (_, p_x, p_layers), _ = net_case
+def test_plain_signals_are_non_negative_without_residual_sums(net_case):
+    """Only a residual sum's raw split (`P_a = P_y a / y`, a < 0 possible) can make a signal negative."""
+    name, layers, _, _, (_, p_x, p_layers), _ = net_case
+    if any(layer[0] == "block" for layer in layers):
+        return
     for p in (p_x, *p_layers):
         assert np.all(p >= 0), p.min()
 
 
-@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("name", [name for name in NETS if not name.startswith(("residual", "two_blocks"))])
 def test_bias_free_nets_conserve_the_signal(name):
     """Every layer's signal sums to 1 when no unit holding signal has Z = sum_k w+_ik a_k = 0.
 
     Without biases z <= Z, so a unit behind a ReLU that holds signal (z > 0) has Z > 0; only the
     output layer (no ReLU) can drop mass, so the top signal is put on outputs with Z > 0 only.
+    (A residual sum's raw split can hand a negative share to a branch whose Z is 0, which then
+    passes nothing: the published rule does not conserve exactly there.)
     """
     layers, x, top = make_case(name, bias=False)
     for n in range(BATCH):
@@ -405,7 +389,6 @@ def test_bias_free_nets_conserve_the_signal(name):
     _, p_x, p_layers = library_signals(layers, x, top)
     for i, p in enumerate([p_x, *p_layers]):
         np.testing.assert_allclose(p.reshape(BATCH, -1).sum(1), 1.0, atol=1e-5, err_msg=f"{name}: signal {i}")
-        assert np.all(p >= 0)
     refs = [reference(layers, x[n], top[n]) for n in range(BATCH)]
     np.testing.assert_allclose(p_x, np.stack([r[1][0] for r in refs]), rtol=RTOL, atol=ATOL)
 
@@ -490,20 +473,11 @@ def _dual(folded):
     return {**folded, "head": {"w": -folded["head"]["w"], "b": folded["head"]["b"]}}
 
 
-def _zero_biases(folded):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.zeros_like(a) if path[-1].key == "b" else a, folded)
-
-
 @jax.jit
 def _plain_signals(folded, images, targets):
     """Plain EBP at every saliency layer, plus the full (unsummed) signal at `stem`."""
     signals = {name: excitation_signal(folded, images, targets, saliency_layer=name, contrastive=False)
                for name in SALIENCY_LAYERS}
-    # The exact shortcut rule conserves the signal too (it only concentrates it on a grid).
-    signals.update({f"{name}_exact": excitation_signal(folded, images, targets, saliency_layer=name,
-                                                       contrastive=False, shortcut="exact")
-                    for name in SALIENCY_LAYERS})
     stem = forward(folded, images, "input", "stem")
     _, pullback = jax.vjp(lambda a: forward(folded, a, "stem", "logits", ExcitationOps()), stem)
     signals["stem_full"] = pullback(jax.nn.one_hot(targets, NUM_CLASSES))[0]
@@ -554,24 +528,12 @@ def test_fold_batchnorm_refuses_fsm_variables():
         fold_batchnorm(shapes, DEPTH)
 
 
-def test_resnet_plain_ebp_conserves_and_is_non_negative(plain, resnet):
-    """Every saliency layer of the randomised ResNet holds the whole unit of probability."""
+def test_resnet_signals_are_per_image_and_per_target(plain, resnet):
     images = resnet[3]
-    for name in [*SALIENCY_LAYERS, *(f"{n}_exact" for n in SALIENCY_LAYERS)]:
-        signal = plain[name]
-        assert signal.shape[0] == images.shape[0]
-        np.testing.assert_allclose(signal.sum(axis=(1, 2)), 1.0, atol=1e-4, err_msg=name)
-        assert np.all(signal >= 0), (name, signal.min())
-    assert np.all(plain["stem_full"] >= 0)  # elementwise, before the channel sum
+    for name in SALIENCY_LAYERS:
+        assert plain[name].shape[0] == images.shape[0]
     np.testing.assert_allclose(plain["stem_full"].sum(-1), plain["stem"], rtol=1e-5, atol=1e-8)
     assert not np.allclose(plain["layer1"][0], plain["layer1"][1])  # same image, other target
-
-
-def test_resnet_plain_ebp_conserves_without_biases(resnet):
-    _, _, folded, images = resnet
-    signals = _plain_signals(_zero_biases(folded), images, TARGETS)
-    for name in [*SALIENCY_LAYERS, *(f"{n}_exact" for n in SALIENCY_LAYERS)]:
-        np.testing.assert_allclose(np.asarray(signals[name]).sum(axis=(1, 2)), 1.0, atol=1e-4, err_msg=name)
 
 
 def test_contrastive_is_target_minus_dual_at_any_contrast_layer(resnet, plain, dual):
@@ -583,7 +545,6 @@ def test_contrastive_is_target_minus_dual_at_any_contrast_layer(resnet, plain, d
         np.testing.assert_allclose(contrastive[f"{s}/{c}"], expected, rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=f"saliency {s}, contrast {c}")
         assert expected.min() < 0 < expected.max()  # a genuine contrast, not a one-signed map
-        np.testing.assert_allclose(contrastive[f"{s}/{c}"].sum(axis=(1, 2)), 0.0, atol=1e-4)  # 1 - 1
 
 
 def test_contrastive_map_is_clamped_difference(resnet, plain, dual):

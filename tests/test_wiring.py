@@ -216,7 +216,8 @@ def test_search_reports_hidden_shares_and_adapts_the_floor_to_the_template(hidde
     from jaxdesens.masks import load_mask
 
     job = SearchJob(checkpoint=str(hidden_pixel_runs["root"] / "clean_a"), out=str(tmp_path / "search"), n=8, K=4,
-                    T=0.6, batch_images=8, min_ratio=0.95, adapt_floor=True, random_repeats=2)
+                    T=0.6, batch_images=8, min_ratio=0.95, adapt_floor=True, random_repeats=2,
+                    saliency_layer="layer1")  # layer3 of these small faces is one cell: no template
     summary = run_search_job(job, progress=False, log=lambda _: None)
     template = load_mask(tmp_path / "search" / "template.png")
     hideable = hidden_share(template)  # the most a candidate max(strokes, S) can hide

@@ -7,10 +7,12 @@ is decoded, resized and centre-cropped by `load_image` exactly as the training l
 desensitized (`x * m` for a mask; blur or mosaic for the paper's baselines) and written as a
 lossless PNG built from the raw pixel array. Output folder:
 
-  manifest.json          format, tool version, method and settings, mask sha256, counts, and per
-                         file: path, id, pseudonym, sha256 of the PNG. No original names.
+  manifest.json          format, tool version, method and settings, the digest salt, counts, and
+                         per file: path, id, pseudonym, keyed digest of the PNG (HMAC-SHA256
+                         under the salt; the mask's too). No original names.
   mask.png               the mask (255 = visible, 0 = hidden); the FSM receiver needs it
-  privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks
+  privacy_report.{json,md}  mask ratio, dSSIM/PSNR vs the originals, classical inpainting attacks,
+                         re-identification by dlib (numbers only; details in the owner log)
   <pseudonym>/<id>.png   identity input (so the export is again an identity folder)
   images/<id>.png        flat input
 
@@ -44,12 +46,29 @@ import numpy as np
 from PIL import Image
 
 from jaxdesens.data.errors import DataError
-from jaxdesens.data.export_reader import FORMAT, MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD
+from jaxdesens.data.export_reader import (
+    DIGEST_ALGORITHM,
+    FORMAT,
+    MANIFEST,
+    MASK_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    keyed_digest,
+    keyed_digest_file,
+)
 from jaxdesens.data.images import load_image
 from jaxdesens.desensitize.files import encode_png
 from jaxdesens.desensitize.operators import METHODS, desensitize, paper_sizes
-from jaxdesens.desensitize.pseudonyms import PlannedFile, load_or_create_key, plan_export
-from jaxdesens.desensitize.report import ATTACKS, attack_report, batch_quality, render_report_md, stats
+from jaxdesens.desensitize.pseudonyms import PlannedFile, digest_salt, load_or_create_key, plan_export
+from jaxdesens.desensitize.report import (
+    ATTACKS,
+    attack_report,
+    audit_sample,
+    batch_quality,
+    reidentification_report,
+    render_report_md,
+    stats,
+)
 from jaxdesens.desensitize.resume import JOURNAL, STATE, input_fingerprint, open_output, refuse_unexpected
 from jaxdesens.masks import io as mask_io
 from jaxdesens.masks.ops import apply_mask, mask_ratio
@@ -74,6 +93,8 @@ class ExportJob:
     batch: int = 64
     workers: int = 0
     check_alignment: bool = True
+    audit: bool = True
+    audit_probes: int = 64
 
     def __post_init__(self):
         missing = [f"--{name}" for name in ("data", "out", "key") if not getattr(self, name)]
@@ -94,8 +115,8 @@ class ExportJob:
             raise ValueError(f"--image_size must be >= 1, got {self.image_size}")
         if self.size is not None and self.size < 1:
             raise ValueError(f"--size must be >= 1, got {self.size}")
-        if self.attack_images < 0 or self.batch < 1 or self.workers < 0:
-            raise ValueError("--attack_images >= 0, --batch >= 1 and --workers >= 0 are required")
+        if self.attack_images < 0 or self.batch < 1 or self.workers < 0 or self.audit_probes < 1:
+            raise ValueError("--attack_images >= 0, --batch >= 1, --workers >= 0 and --audit_probes >= 1 are required")
         bad = [a for a in self.attack_methods if a not in ATTACKS]
         if bad:
             raise ValueError(f"unknown --attacks {bad}; choose from {','.join(ATTACKS)} (or none)")
@@ -200,13 +221,14 @@ def _refuse_grey_png(path: str) -> None:
                         "binary (255 = visible, 0 = hidden): use the mask launch/search.py wrote, or threshold it")
 
 
-def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None, layout: str,
-              mask_png: bytes | None) -> dict[str, Any]:
+def _settings(job: ExportJob, mask: np.ndarray | None, image_size: int, size: int | None,
+              layout: str) -> dict[str, Any]:
+    """What a resumed export must share with the interrupted one (the key is checked by the ids)."""
     from jaxdesens import __version__
 
     return {"format": FORMAT, "version": __version__, "method": job.method, "layout": layout,
             "image_size": image_size, "channels": job.channels, "size": size,
-            "mask_sha256": hashlib.sha256(mask_png).hexdigest() if mask_png is not None else None,
+            "mask_fingerprint": None if mask is None else mask_io.fingerprint(mask),
             "mask_ratio": None if mask is None else round(float(mask_ratio(mask)), 6)}
 
 
@@ -249,6 +271,24 @@ def export_attacks(plan: list[PlannedFile], job: ExportJob, mask: np.ndarray, im
     return attack_report(originals, mask, job.attack_methods, progress)
 
 
+def export_reidentification(exported: list[dict[str, Any]], planned: dict[str, PlannedFile], job: ExportJob,
+                            mask: np.ndarray | None, image_size: int, size: int | None, progress: bool,
+                            log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """dlib on a sample of the exported people: (the report's summary, the owner log's details)."""
+    if not job.audit:
+        return {"run": False, "note": "not run (--audit=false)"}, None
+    files = [(e["pseudonym"], planned[e["id"]].source) for e in sorted(exported, key=lambda e: e["id"])]
+    sample = audit_sample([f for f in files if f[0]], job.audit_probes)
+    if not sample:
+        return {"run": False, "note": "not applicable: no person has two exported photos (or the input is flat, "
+                                      "without identities)"}, None
+    people = sorted({person for person, _ in sample})
+    labels = np.array([people.index(person) for person, _ in sample])
+    originals = np.stack([load_image(source, image_size, job.channels) for _, source in sample])
+    return reidentification_report(originals, labels, job.method, mask, size, job.attack_methods, job.audit_probes,
+                                   progress, log)
+
+
 def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None] = print,
                on_file: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Runs the whole export; returns a summary (counts, files/s, the privacy report, owner log).
@@ -271,8 +311,10 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         log(f"{len(planning.symlinks)} symlink(s) in --data point outside it and were followed; listed in the owner "
             f"log {owner_log}")
     mask_png = encode_png((mask * 255).astype(np.uint8)) if mask is not None else None
-    settings = _settings(job, mask, image_size, size, layout, mask_png)
-    done, complete = open_output(Path(job.out), job.resume, settings, plan, log)
+    settings = _settings(job, mask, image_size, size, layout)
+    salt = digest_salt(key)
+    done, complete = open_output(Path(job.out), job.resume, settings, plan, log,
+                                 digest=lambda path: keyed_digest_file(salt, path))
     out = Path(job.out)
     if complete:
         log(f"{job.out}: the export is already complete and intact; nothing to do")
@@ -301,7 +343,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         item, pixels = args
         data = encode_png(pixels)
         write_atomic(out / item.rel, data)
-        return hashlib.sha256(data).hexdigest()
+        return keyed_digest(salt, data)
 
     bar = tqdm(total=len(plan), initial=resumed, disable=not progress, unit="file", desc="exporting",
                dynamic_ncols=True)
@@ -327,7 +369,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                 psnrs, dssims = batch_quality(originals, outputs, job.batch)
                 digests = list(pool.map(write, zip(good, outputs)))
                 for i, (item, digest) in enumerate(zip(good, digests)):
-                    entry = {"id": item.id, "pseudonym": item.pseudonym, "path": item.rel, "sha256": digest,
+                    entry = {"id": item.id, "pseudonym": item.pseudonym, "path": item.rel, "digest": digest,
                              "psnr": float(psnrs[i]), "dssim": None if np.isnan(dssims[i]) else float(dssims[i])}
                     journal.write(json.dumps(entry) + "\n")
                     journal.flush()
@@ -345,8 +387,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
 
     exported = sorted(done.values(), key=lambda e: e["path"])
     identities = len({e["pseudonym"] for e in exported if e["pseudonym"]})
-    files = [{k: e[k] for k in ("path", "id", "pseudonym", "sha256")} for e in exported]
-    fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()[:16]
+    files = [{k: e[k] for k in ("path", "id", "pseudonym", "digest")} for e in exported]
+    fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['digest']}\n" for f in files).encode()).hexdigest()[:16]
     report = {
         "format": FORMAT, "version": __version__, "method": job.method, "mask_ratio": settings["mask_ratio"],
         "method_size": size, "image_size": image_size, "channels": job.channels, "images": len(exported),
@@ -358,6 +400,8 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
                     {"images": 0, "methods": {},
                      "note": f"not applicable to --method={job.method} (no hidden pixels)"}),
     }
+    report["reidentification"], owner_audit = export_reidentification(exported, planned, job, mask, image_size, size,
+                                                                      progress, log)
     written = {f["path"] for f in files} | ({MASK_FILE} if mask is not None else set())
     refuse_unexpected(out, written | {STATE, JOURNAL}, "that this export does not write")  # before it is final
     write_json(out / REPORT_JSON, report)
@@ -366,8 +410,9 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
         "format": FORMAT, "tool": "jaxdesens", "version": __version__, "method": job.method, "layout": layout,
         "settings": {"image_size": image_size, "channels": job.channels, "size": size,
                      "mask_ratio": settings["mask_ratio"]},
-        "mask": None if mask is None else {"file": MASK_FILE, "sha256": settings["mask_sha256"],
-                                           "shape": list(mask.shape), "fingerprint": mask_io.fingerprint(mask)},
+        "digest": {"algorithm": DIGEST_ALGORITHM, "salt": salt},
+        "mask": None if mask is None else {"file": MASK_FILE, "digest": keyed_digest(salt, mask_png),
+                                           "shape": list(mask.shape), "fingerprint": settings["mask_fingerprint"]},
         "counts": {"files": len(files), "identities": identities, "skipped_unreadable": len(bad)},
         "fingerprint": fingerprint, "input_fingerprint": input_fingerprint(plan), "files": files,
     }
@@ -380,7 +425,7 @@ def run_export(job: ExportJob, progress: bool = True, log: Callable[[str], None]
     seconds = time.perf_counter() - start_time
     owner = {"export": str(out.resolve()), "input": str(Path(job.data).resolve()), "skipped_unreadable": bad,
              "ignored_non_images": planning.ignored, "symlinks_out_of_data": planning.symlinks,
-             "alignment_check": alignment,
+             "alignment_check": alignment, "reidentification_audit": owner_audit,
              "exported": len(files), "resumed_from": resumed,
              "files_per_s": round(rate, 1), "seconds": round(seconds, 2)}
     write_json(owner_log, owner, mode=0o600)  # names original files: as private as the key

@@ -1,8 +1,11 @@
 """The owner's key, and the keyed names that replace original file and identity names.
 
 Ids and pseudonyms are HMAC-SHA256 values under the owner's key file, which is never written to
-the export or logged: the same key gives the same pseudonyms in every export, a key per recipient
-stops recipients linking exports, and without the key a pseudonym reveals nothing of the name.
+the export or logged: the same key gives the same pseudonyms in every export, and without the key
+a pseudonym reveals nothing of the name. The manifest's digest salt is derived from the key too,
+so a key per recipient gives each recipient other pseudonyms, ids and file digests. It does not
+make exports unlinkable: their pixels are identical (one mask), so pooled exports can still be
+joined image by image.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdesens.data.errors import DataError
-from jaxdesens.data.export_reader import FLAT_DIR, LAYOUT_FLAT, LAYOUT_IDENTITIES
+from jaxdesens.data.export_reader import FLAT_DIR, LAYOUT_FLAT, LAYOUT_IDENTITIES, SALT_HEX
 from jaxdesens.data.images import is_image_file
 from jaxdesens.paths import is_inside
 
@@ -83,7 +86,8 @@ def load_or_create_key(path: str | os.PathLike, log: Callable[[str], None] = pri
             raise DataError(f"--key={path}: cannot create the key file ({err.strerror or err}); choose a path in a "
                             "folder you can write") from err
         log(f"created a new key file {path}: keep it private and never ship it; reuse it for the same "
-            "pseudonyms in later exports (a different key per recipient stops them linking exports)")
+            "pseudonyms in later exports (a key per recipient gives each other pseudonyms and digests, but the "
+            "pixels stay identical, so pooled exports can still be linked image by image)")
     if not path.is_file():
         raise DataError(f"{path}: --key must be a file")
     try:
@@ -115,6 +119,15 @@ def pseudonym(key: bytes, identity: str) -> str:
 
 def file_id(key: bytes, relative_path: str) -> str:
     return keyed_hex(key, "file", relative_path, ID_HEX)
+
+
+def digest_salt(key: bytes) -> str:
+    """The public salt of the manifest's file digests (`export_reader.keyed_digest`).
+
+    Derived from the key rather than drawn at random, so a resumed or repeated export under one key
+    is byte-identical (those exports share pseudonyms anyway), while exports under different keys
+    share no digest. Publishing it reveals nothing of the key (an HMAC output)."""
+    return keyed_hex(key, "digest-salt", "", SALT_HEX)
 
 
 def _same_spelling_twice(root: Path, names: list[str]) -> None:

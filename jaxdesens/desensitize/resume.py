@@ -1,7 +1,7 @@
 """Resuming an export: the state file, the journal of finished files, and the output-folder checks.
 
-A journal of finished files (`.jaxdesens-export-journal.jsonl`, ids and hashes only) lets a
-resumed export skip files whose PNG exists with the journalled sha256; the manifest is written
+A journal of finished files (`.jaxdesens-export-journal.jsonl`, ids and digests only) lets a
+resumed export skip files whose PNG exists with the journalled digest; the manifest is written
 last, atomically, then the journal is removed. A resumed export's manifest is identical to an
 uninterrupted one's.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdesens.data.errors import DataError
-from jaxdesens.data.export_reader import MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD, read_manifest, sha256_file
+from jaxdesens.data.export_reader import MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD, file_digest, read_manifest
 from jaxdesens.desensitize.pseudonyms import PlannedFile
 
 STATE = ".jaxdesens-export-state.json"
@@ -26,7 +26,7 @@ def manifest_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     s, m = manifest.get("settings", {}), manifest.get("mask") or {}
     return {"format": manifest.get("format"), "version": manifest.get("version"), "method": manifest.get("method"),
             "layout": manifest.get("layout"), "image_size": s.get("image_size"), "channels": s.get("channels"),
-            "size": s.get("size"), "mask_sha256": m.get("sha256"), "mask_ratio": s.get("mask_ratio")}
+            "size": s.get("size"), "mask_fingerprint": m.get("fingerprint"), "mask_ratio": s.get("mask_ratio")}
 
 
 def differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -71,6 +71,7 @@ def _finished(out: Path, manifest: dict[str, Any], planned: dict[str, PlannedFil
     """The files of a finished export after checking that nothing was added to it, its input did
     not change since, and every file is intact."""
     entries = {e["id"]: e for e in manifest.get("files", [])}
+    field, digest = file_digest(manifest, out / MANIFEST)
     refuse_unexpected(out, {MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD} | {e["path"] for e in entries.values()},
                        "not in its manifest")
     skipped = int(manifest.get("counts", {}).get("skipped_unreadable", 0))
@@ -83,7 +84,7 @@ def _finished(out: Path, manifest: dict[str, Any], planned: dict[str, PlannedFil
         raise DataError(f"{out}: the input changed since this export finished (images renamed or removed); a "
                         "finished export is never changed: export again into a new folder")
     broken = [e["path"] for e in entries.values()
-              if not (out / e["path"]).is_file() or sha256_file(out / e["path"]) != e.get("sha256")]
+              if not (out / e["path"]).is_file() or digest(out / e["path"]) != e.get(field)]
     if broken:
         raise DataError(f"{out}: a finished export whose files are missing or altered ({len(broken)}, e.g. "
                         f"{broken[0]}); export again into a new folder")
@@ -92,8 +93,9 @@ def _finished(out: Path, manifest: dict[str, Any], planned: dict[str, PlannedFil
 
 
 def open_output(out: Path, resume: bool, settings: dict[str, Any], plan: list[PlannedFile],
-                log: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Prepares the output folder; returns (journal of finished files, export already complete)."""
+                log: Callable[[str], None], digest: Callable[[Path], str]) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Prepares the output folder; returns (journal of finished files, export already complete).
+    `digest` recomputes a journalled file's digest (keyed by this export's salt)."""
     try:
         entries = list(out.iterdir()) if out.exists() else []
     except OSError as err:
@@ -141,6 +143,6 @@ def open_output(out: Path, resume: bool, settings: dict[str, Any], plan: list[Pl
     refuse_unexpected(out, {STATE, JOURNAL, MANIFEST, MASK_FILE, REPORT_JSON, REPORT_MD} | {p.rel for p in plan},
                        "that this export does not write")
     done = {ident: entry for ident, entry in journal.items()
-            if (out / planned[ident].rel).is_file() and sha256_file(out / planned[ident].rel) == entry.get("sha256")}
+            if (out / planned[ident].rel).is_file() and digest(out / planned[ident].rel) == entry.get("digest")}
     log(f"resuming: {len(done)} of {len(plan)} files already exported")
     return done, False

@@ -2,11 +2,15 @@
 
 Output folder:
   mean_saliency.{npy,png}, template.{npy,png}, template_thresholds.png   (Formula 4, Fig. 10)
+  occlusion.{npy,png}     mean occlusion sensitivity (CE rise per hidden patch): the ground truth
+  faithfulness.png        mean EBP beside mean occlusion, the template, and the deletion curves
   mask.{png,npy}          the best mask (1/255 = visible)
   candidates.json         every candidate: objective, CE (null below the ratio floor), ratio, RMG
                           hyper-parameters
   top_masks.png           the best candidates and faces under them (Fig. 6)
-  summary.json            settings, best objective/CE/ratio, candidates scored, masks/s, verification
+  summary.json            settings, best objective/CE/ratio, candidates scored, masks/s, verification,
+                          faithfulness of the template to occlusion (correlation, effect share,
+                          border share, deletion-curve areas)
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.models.functional import fold_batchnorm
 from jaxdesens.paths import check_output_folder
 from jaxdesens.recognizer import Recognizer, load_recognizer
-from jaxdesens.saliency.template import mean_saliency, save_template_figure, threshold_template
+from jaxdesens.saliency.faithfulness import faithfulness_report, save_faithfulness_figure
+from jaxdesens.saliency.occlusion import default_patch, occlusion_maps
+from jaxdesens.saliency.template import mean_saliency, rescale01, save_template_figure, threshold_template
 from jaxdesens.search import SearchConfig, candidate_masks, search_mask, table_rows
 from jaxdesens.workdir import write_json_atomic
+
+SALIENCY_METHODS = ("ebp", "occlusion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +55,13 @@ class SearchJob:
     batch_images: int = 32
     chunk: int = 0
     seed: int = 0
-    saliency_layer: str = "layer2"
+    saliency_layer: str = "layer3"
     contrast_layer: str = "layer4"
     contrastive: bool = True
+    saliency: str = "ebp"
+    occlusion_patch: int = 0
+    occlusion_stride: int = 0
+    faithfulness: bool = True
     without_ebp: bool = False
     level: int = -1
     bf16: bool = False
@@ -66,6 +78,10 @@ class SearchJob:
                              f"got {self.level}")
         if self.K < 1:
             raise ValueError(f"--K must be >= 1, got {self.K}")
+        if self.saliency not in SALIENCY_METHODS:
+            raise ValueError(f"--saliency must be one of {'|'.join(SALIENCY_METHODS)}, got {self.saliency!r}")
+        if self.occlusion_patch < 0 or self.occlusion_stride < 0:
+            raise ValueError("--occlusion_patch and --occlusion_stride must be >= 0 (0 = from the image size)")
 
 
 def default_gamma(num_classes: int) -> float:
@@ -145,14 +161,38 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     size = train_set.image_shape[:2]
 
     folded32 = fold_batchnorm(recognizer.variables, depth)
-    mean_map = mean_saliency(folded32, train_set.images[template_idx], train_set.labels[template_idx],
-                             saliency_layer=job.saliency_layer, contrast_layer=job.contrast_layer,
-                             contrastive=job.contrastive)
-    template = np.zeros(size, np.float32) if job.without_ebp else threshold_template(mean_map, job.T)
-    np.save(out / "mean_saliency.npy", mean_map)
-    figures.save_grid(out / "mean_saliency.png", [[mean_map]], scale=3)
+    images, labels = train_set.images[template_idx], train_set.labels[template_idx]
+    ebp_map = occlusion_map = None
+    patch = job.occlusion_patch or default_patch(min(size))
+    if job.saliency == "ebp" or job.faithfulness:
+        ebp_map = mean_saliency(folded32, images, labels, saliency_layer=job.saliency_layer,
+                                contrast_layer=job.contrast_layer, contrastive=job.contrastive)
+        np.save(out / "mean_saliency.npy", ebp_map)
+        figures.save_grid(out / "mean_saliency.png", [[ebp_map]], scale=3)
+    if job.saliency == "occlusion" or job.faithfulness:
+        occlusion_map = occlusion_maps(folded32, images, labels, patch=patch,
+                                       stride=job.occlusion_stride or max(1, patch // 2)).mean(0)
+        np.save(out / "occlusion.npy", occlusion_map)
+        figures.save_grid(out / "occlusion.png", [[rescale01(occlusion_map)]], scale=3)
+    mean_map = ebp_map if job.saliency == "ebp" else rescale01(occlusion_map)
+    if not job.without_ebp and mean_map.max() == mean_map.min():
+        raise ValueError(f"the mean {job.saliency} map is constant, so no threshold makes a template: at "
+                         f"{size[0]}x{size[1]} px --saliency_layer={job.saliency_layer} may be a single cell; "
+                         "use a lower layer or larger images")
+    saliency_template = threshold_template(mean_map, job.T)
+    template = np.zeros(size, np.float32) if job.without_ebp else saliency_template
     save_mask(out / "template", template)
     save_template_figure(out / "template_thresholds.png", mean_map, example=train_set.images[template_idx[0]])
+    faithfulness = None
+    if job.faithfulness:
+        faithfulness = faithfulness_report(folded32, images, labels, ebp_map, occlusion_map, saliency_template,
+                                           random_scale=patch)
+        save_faithfulness_figure(out / "faithfulness.png", ebp_map, occlusion_map, saliency_template, faithfulness,
+                                 example=images[0])
+        log(f"faithfulness to occlusion: r(EBP, occlusion) = {faithfulness['ebp_occlusion_correlation']:.2f}; "
+            f"the template keeps {faithfulness['template_area']:.0%} of the pixels and "
+            f"{faithfulness['occlusion_share_in_template']:.0%} of the occlusion effect; insertion AUC "
+            + ", ".join(f"{k} {v:.2f}" for k, v in faithfulness["insertion_auc"].items()) + " (lower is better)")
     log(f"template: K={len(template_idx)} images, T={job.T}: keeps {template.mean():.1%} of the pixels"
         + (" (ignored: --without_ebp)" if job.without_ebp else ""))
     min_ratio = job.min_ratio
@@ -200,6 +240,8 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
                                "masks_per_s": result.masks_per_s, "seconds": result.seconds,
                                "device": jax.devices()[0].device_kind,
                                "scoring_images": len(score_idx), "template_images": len(template_idx)}
+    if faithfulness is not None:
+        summary["faithfulness"] = faithfulness
     log(f"best mask #{result.best_index}: objective {summary['objective']:.4f}, CE {summary['ce']:.4f}, "
         f"ratio {summary['ratio']:.3f}; scored the {result.scored} of {job.n} candidates above the ratio floor "
         f"at {result.masks_per_s:.0f} masks/s ({result.seconds:.1f} s in all)")

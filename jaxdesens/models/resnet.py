@@ -33,6 +33,7 @@ class BasicBlock(nn.Module):
     filters: int
     strides: int
     dtype: Any
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -42,8 +43,11 @@ class BasicBlock(nn.Module):
         y = conv(self.filters, 3, self.strides, padding=1, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
         y = conv(self.filters, 3, padding=1, name="conv2")(y)
-        # Zero-initialised last scale: every block starts as the identity (Goyal et al.).
-        y = norm(scale_init=nn.initializers.zeros, name="bn2")(y)
+        # Optionally zero-initialised last scale: every block starts as the identity (Goyal et al.).
+        # Off by default (as torchvision): short trainings then leave the residual branches weak, and
+        # Excitation Backprop routes through the stride-2 projections, giving grid-like saliency.
+        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = norm(scale_init=scale_init, name="bn2")(y)
         if self.strides != 1 or x.shape[-1] != self.filters:
             x = conv(self.filters, 1, self.strides, name="proj_conv")(x)
             x = norm(name="proj_bn")(x)
@@ -64,6 +68,7 @@ class ResNet(nn.Module):
     width: float = 1.0
     dtype: Any = jnp.float32
     fsm_after: int | None = None
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, mask: jax.Array | None = None,
@@ -81,7 +86,7 @@ class ResNet(nn.Module):
         for stage, blocks in enumerate(STAGE_SIZES[self.depth]):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(stage_width(stage, self.width), strides, self.dtype,
+                x = BasicBlock(stage_width(stage, self.width), strides, self.dtype, self.zero_init_residual,
                                name=f"{STAGE_NAMES[stage]}_{block}")(x, train)
             if self.fsm_after == stage + 1 and mask is not None:
                 gate = FeatureSelectionMasknet(x.shape[-1], dtype=self.dtype, name="fsm")(

@@ -1,22 +1,26 @@
-"""Excitation Backprop (Zhang et al., IJCV 2018) as `jax.custom_vjp` rules.
+"""Excitation Backprop (Zhang et al., IJCV 2018) as `jax.custom_vjp` rules, as published.
 
-EBP passes a top-down "winning probability" P from the target class to lower layers. For an
-affine layer `y = W x + b` with non-negative inputs x (they follow a ReLU), the rule is
+EBP passes a top-down "winning probability" P from the target class to lower layers. The rules
+follow the reference implementations (Caffe ExcitationBP, TorchRay):
+- An affine layer `y = W x + b` with non-negative inputs x (they follow a ReLU) passes
 
-    P_x = x * W+^T (P_y / Z),    Z = W+ x,    W+ = max(W, 0)    (bias ignored)
+      P_x = x * W+^T (P_y / Z),    Z = W+ x,    W+ = max(W, 0)    (bias ignored; Z = 0 passes nothing)
 
-so P is conserved layer by layer (up to output units with Z = 0). Choices made here:
-- BatchNorm is folded into the preceding convolution (`models/functional.py`). A positive
-  per-channel factor cancels between W+ and Z, so this equals "fold the sign of the BN scale
-  into the conv and pass BN through", without a special case.
-- A residual addition `relu(W2 h + Ws x + b)` is one affine layer over both inputs, so the
-  signal splits in proportion to each branch's positive contribution (`W2+ h` versus `Ws+ x`,
-  or `x` for an identity shortcut). This keeps conservation exact; splitting by the raw
-  (possibly negative) branch values, as some implementations do, does not.
-- Average and global pooling use the same rule with their (positive) weights, i.e. a
-  proportional split; ReLU and max-pooling keep their ordinary gradients.
+  so P is conserved layer by layer. Average and global pooling use the same rule with their
+  (positive) weights; ReLU and max-pooling keep their ordinary gradients (winner takes all).
+- A residual addition `y = a + b` (a = the branch's last BatchNorm output, b = the identity or the
+  projection's BatchNorm output) splits P in proportion to each input's raw value,
+  `P_a = P_y * a / y` (Caffe `eltwise`, TorchRay `eltwise_sum`); each input then follows its own
+  rules, so a 1x1 stride-2 projection sends its share only to the positions it reads.
+- BatchNorm is folded into the convolution before it (`models/functional.py`). A positive
+  per-channel factor cancels between W+ and Z, so this is exactly the Caffe ResNet demo's choice:
+  the sign of each BatchNorm scale is folded into its convolution (a channel with a negative scale
+  is excited by the negative weights) and BatchNorm passes P through. (TorchRay passes BatchNorm
+  through without the sign; the two agree wherever every scale is positive.)
 Contrastive EBP (the paper's choice) runs a dual pass with negated classifier weights to a
 contrast layer, subtracts it there, and propagates the difference to the saliency layer.
+`tests/test_ebp_reference.py` holds these rules equal to a PyTorch implementation of them on
+the unfolded network.
 """
 
 from __future__ import annotations
@@ -56,6 +60,27 @@ def _excite_bwd(layer, residuals, g):
 excite.defvjp(_excite_fwd, _excite_bwd)
 
 
+@jax.custom_vjp
+def eltwise_sum(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a + b` whose VJP splits the signal by the raw inputs: `P_a = P_y a / y` (y = 0 passes nothing)."""
+    return a + b
+
+
+def _eltwise_fwd(a, b):
+    return a + b, (a, b)
+
+
+def _eltwise_bwd(residuals, g):
+    a, b = residuals
+    y = a + b
+    ok = y != 0
+    share = jnp.where(ok, g / jnp.where(ok, y, 1.0), 0.0)
+    return share * a, share * b
+
+
+eltwise_sum.defvjp(_eltwise_fwd, _eltwise_bwd)
+
+
 def _pos(p: dict[str, jax.Array]) -> jax.Array:
     return jnp.maximum(p["w"], 0)
 
@@ -69,49 +94,6 @@ class Conv:
 
     def positive(self, x, p):
         return conv(x, _pos(p), self.stride)
-
-
-def area_halve(x: jax.Array) -> jax.Array:
-    """2x2 mean with stride 2 (ceil size, padding excluded): the area a 1x1/2 conv samples from."""
-    pad = ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0))
-    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), pad)
-    count = jax.lax.reduce_window(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, jax.lax.add,
-                                  (1, 2, 2, 1), (1, 2, 2, 1), pad)
-    return total / count
-
-
-SHORTCUT_RULES = ("area", "exact")
-
-
-@dataclasses.dataclass(frozen=True)
-class Residual:
-    """`conv2(h) + shortcut(x)`; the shortcut is a projection conv (`proj`) or the identity.
-
-    `shortcut="exact"` applies the EBP rule to the 1x1 stride-2 projection as it is, which sends
-    all of its signal to the even positions it samples; through three down-sampling stages that
-    becomes a stride-8 grid of hot spots in early-layer maps (most visible in short-trained
-    networks, whose residual branches are still weak). `shortcut="area"` (default) uses the
-    2x2 area the position stands for (ResNet-D's average-pool shortcut) as the projection's
-    positive model; the forward pass is unchanged and conservation still holds exactly.
-    """
-
-    stride: int
-    shortcut: str = "area"
-
-    def forward(self, xs, p):
-        h, x = xs
-        shortcut = conv(x, p["proj"]["w"], self.stride) + p["proj"]["b"] if "proj" in p else x
-        return conv(h, p["conv2"]["w"], 1) + p["conv2"]["b"] + shortcut
-
-    def positive(self, xs, p):
-        h, x = xs
-        if "proj" not in p:
-            shortcut = x
-        elif self.shortcut == "area" and self.stride == 2 and p["proj"]["w"].shape[0] == 1:
-            shortcut = conv(area_halve(x), _pos(p["proj"]), 1)
-        else:
-            shortcut = conv(x, _pos(p["proj"]), self.stride)
-        return conv(h, _pos(p["conv2"]), 1) + shortcut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,19 +126,18 @@ class AvgPool:
     positive = forward
 
 
-@dataclasses.dataclass(frozen=True)
 class ExcitationOps:
-    """The `ops` of `functional.forward` with EBP backward rules on every affine layer."""
-
-    shortcut: str = "area"
+    """The `ops` of `functional.forward` with EBP backward rules on every affine layer and sum."""
 
     @staticmethod
     def conv(x, p, stride):
         return excite(Conv(stride), x, p)
 
-    def residual(self, h, x, p, stride):
-        branch = {k: p[k] for k in ("conv2", "proj") if k in p}
-        return excite(Residual(stride, self.shortcut), (h, x), branch)
+    @staticmethod
+    def residual(h, x, p, stride):
+        branch = excite(Conv(1), h, p["conv2"])
+        shortcut = excite(Conv(stride), x, p["proj"]) if "proj" in p else x
+        return eltwise_sum(branch, shortcut)
 
     @staticmethod
     def global_mean(x):
@@ -172,8 +153,7 @@ def _channel_map(signal: jax.Array) -> jax.Array:
 
 
 def excitation_signal(folded: Folded, images: jax.Array, targets: jax.Array, *, saliency_layer: str = "layer2",
-                      contrast_layer: str = "layer4", contrastive: bool = True,
-                      shortcut: str = "area") -> jax.Array:
+                      contrast_layer: str = "layer4", contrastive: bool = True) -> jax.Array:
     """EBP signal summed over channels at `saliency_layer`: `(N, h, w)`, unclamped.
 
     Plain EBP: the marginal winning probability of the target class. Contrastive: target minus
@@ -183,9 +163,6 @@ def excitation_signal(folded: Folded, images: jax.Array, targets: jax.Array, *, 
     for name in (saliency_layer, contrast_layer):
         if name not in BOUNDARIES[1:-1]:
             raise ValueError(f"EBP layers must be one of {BOUNDARIES[1:-1]}, got {name!r}")
-    if shortcut not in SHORTCUT_RULES:
-        raise ValueError(f"shortcut rule must be one of {SHORTCUT_RULES}, got {shortcut!r}")
-    ops = ExcitationOps(shortcut)
     if BOUNDARIES.index(contrast_layer) < BOUNDARIES.index(saliency_layer):
         raise ValueError(f"contrast_layer {contrast_layer!r} is below saliency_layer {saliency_layer!r}")
     activation = forward(folded, images, "input", saliency_layer)
@@ -193,13 +170,13 @@ def excitation_signal(folded: Folded, images: jax.Array, targets: jax.Array, *, 
 
     def upper(head_sign):
         head = {"w": folded["head"]["w"] * head_sign, "b": folded["head"]["b"]}
-        return lambda a: forward({**folded, "head": head}, a, contrast_layer, "logits", ops)
+        return lambda a: forward({**folded, "head": head}, a, contrast_layer, "logits", ExcitationOps)
 
     if contrast_layer == saliency_layer:
         lower_pullback, contrast_act = (lambda s: (s,)), activation
     else:
         contrast_act, lower_pullback = jax.vjp(
-            lambda a: forward(folded, a, saliency_layer, contrast_layer, ops), activation)
+            lambda a: forward(folded, a, saliency_layer, contrast_layer, ExcitationOps), activation)
     _, pullback = jax.vjp(upper(1.0), contrast_act)
     (signal,) = pullback(top)
     if contrastive:
@@ -218,10 +195,10 @@ def to_saliency_map(signal: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("saliency_layer", "contrast_layer", "contrastive", "shortcut"))
+@functools.partial(jax.jit, static_argnames=("saliency_layer", "contrast_layer", "contrastive"))
 def saliency_maps(folded: Folded, images: jax.Array, targets: jax.Array, *, saliency_layer: str = "layer2",
-                  contrast_layer: str = "layer4", contrastive: bool = True, shortcut: str = "area") -> jax.Array:
+                  contrast_layer: str = "layer4", contrastive: bool = True) -> jax.Array:
     """Per-image EBP saliency `(N, H, W)` in [0, 1] for each image's own target class."""
     signal = excitation_signal(folded, images, targets, saliency_layer=saliency_layer,
-                               contrast_layer=contrast_layer, contrastive=contrastive, shortcut=shortcut)
+                               contrast_layer=contrast_layer, contrastive=contrastive)
     return to_saliency_map(signal, images.shape[1:3])

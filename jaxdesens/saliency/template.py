@@ -33,8 +33,13 @@ def mean_saliency(folded: Folded, images: np.ndarray, labels: np.ndarray, *, bat
         maps = saliency_maps(folded, x, jnp.asarray(labels[start:start + batch_size]),
                              saliency_layer=saliency_layer, contrast_layer=contrast_layer, contrastive=contrastive)
         total += np.asarray(maps, np.float64).sum(0)
-    low, high = total.min(), total.max()
-    return ((total - low) / (high - low) if high > low else np.zeros_like(total)).astype(np.float32)
+    return rescale01(total)
+
+
+def rescale01(mean_map: np.ndarray) -> np.ndarray:
+    """Min-max rescaling to [0, 1] (all zeros for a constant map), so T is a fraction of the range."""
+    low, high = mean_map.min(), mean_map.max()
+    return ((mean_map - low) / (high - low) if high > low else np.zeros_like(mean_map)).astype(np.float32)
 
 
 def threshold_template(mean_map: np.ndarray, T: float) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jaxdesens.jobs.evaluate.audit import audit_lines
 from jaxdesens.jobs.evaluate.tables import ROLE_LABELS
 
 PAPER = {
@@ -186,12 +187,14 @@ def render_report(results: dict[str, Any]) -> str:
                         + [_pm(row["models"][lb]["accuracy"], row["models"][lb]["accuracy_std"]) for lb in labels])
         lines += _table(["images", "PSNR (dB)", "SSIM"] + labels, rows)
 
+    if "audit" in results:  # results.json written before the audit existed has no such key
+        lines += audit_lines(results)
     if results.get("figures"):
         lines += ["## Figures", ""] + [f"- `{n}`: {_FIGURE_CAPTIONS[n]}" for n in results["figures"]] + [""]
     if results["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     seconds = results["seconds"]
-    order = ("verification", "table1", "table2", "table4", "attacks", "total")
+    order = ("verification", "table1", "table2", "table4", "attacks", "audit", "total")
     lines += ["Seconds per section: " + ", ".join(f"{k} {seconds[k]:.1f}" for k in order if k in seconds) + ".", ""]
     return "\n".join(lines)
 
@@ -206,5 +209,7 @@ _FIGURE_CAPTIONS = {
     "levels.png": "one random mask per hole-ratio level and a test face under it (Fig. 4)",
     "baseline.png": "Section 4.2 baseline masks (rows: levels 0.4-0.5, 0.5-0.6), a test face under them and its "
                     "inpainting (Fig. 5)",
+    "privacy_utility.png": "privacy (worst re-identification) against utility (best verification) per "
+                           "desensitization",
 }
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxdesens.data import DataError, IdentitySet
+from jaxdesens.jobs.evaluate.audit import audit_section, check_restorer_people, write_figure
 from jaxdesens.jobs.evaluate.figures import write_figures
 from jaxdesens.jobs.evaluate.quality import restoration_attacks, table4_methods
 from jaxdesens.jobs.evaluate.report import render_report
@@ -38,8 +39,12 @@ from jaxdesens.recognizer import load_recognizer, read_run_record
 
 def evaluate_models(models: Sequence[Model], evalset: EvalSet, mask: np.ndarray, job: EvaluateJob,
                     train_set: IdentitySet | None = None, progress: bool = False,
-                    log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every table; returns (JSON-ready results, in-memory artifacts for the figures)."""
+                    log: Callable[[str], None] = print,
+                    restore: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    train_error: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every table and the audit (on `train_set`, the training identities; `restore` is the learned
+    restorer; `train_error` why `train_set` could not be read); returns (JSON-ready results,
+    in-memory artifacts for the figures)."""
     from tqdm.auto import tqdm
 
     embed = Embedder(job.flip, job.batch_size)
@@ -115,7 +120,29 @@ def evaluate_models(models: Sequence[Model], evalset: EvalSet, mask: np.ndarray,
         results["attacks"] = None
         notes.append("Restoration attacks skipped: --attacks=none.")
     seconds["attacks"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results["audit"] = None
+    if not job.audit:
+        notes.append("Re-identification audit skipped: --audit=false.")
+    elif train_set is None:
+        notes.append("Re-identification audit skipped: the checkpoints' training data is not available"
+                     + (f" ({train_error})." if train_error else "."))
+    else:
+        results["audit"] = audit_section(models, train_set, mask, job, restore, notes, progress, log)
+    seconds["audit"] = time.perf_counter() - t0
     return results, artifacts
+
+
+def _load_restorer(workdir: str, size: int, channels: int):
+    """The learned restorer, refused before any work when it was trained on other image shapes."""
+    from jaxdesens.privacy.restorer_train import load_restorer
+
+    restorer = load_restorer(workdir)
+    if (restorer.config.image_size, restorer.config.channels) != (size, channels):
+        raise DataError(f"--restorer={workdir}: trained on {restorer.config.image_size} px, {restorer.config.channels} "
+                        f"channel(s); the checkpoints take {size} px, {channels}: train one with --image_size={size}")
+    return restorer
 
 
 def _versions() -> dict[str, str]:
@@ -134,7 +161,7 @@ def _versions() -> dict[str, str]:
 def check_out(job: EvaluateJob, data: str | None) -> Path:
     folders = {"--data": data, "--lfw_root": job.lfw_root, "--test_data": job.test_data}
     return check_output_folder(job.out, {f"{flag}={folder}": folder for flag, folder in folders.items()},
-                               job.checkpoints)
+                               [*job.checkpoints, *([job.restorer] if job.restorer else [])])
 
 
 def default_command(job: EvaluateJob) -> str:
@@ -177,14 +204,22 @@ def run_evaluate_job(job: EvaluateJob, progress: bool = True, log: Callable[[str
     size, channels = config.image_size, config.channels
 
     train_set = None
+    restorer = _load_restorer(job.restorer, size, channels) if job.audit and job.restorer else None
     need_train = not separate or (job.baseline_n > 0 and "resnet" in roles)
-    if need_train:
+    train_error = None
+    if need_train or job.audit:
         clean_first = next((m for m in models if m.role == "resnet"), models[0])
         try:
             train_set, held_out = search_data(clean_first.recognizer, job.data)
         except DataError as err:
-            hint = " (or pass --baseline_n=0 to skip Table 2)" if separate else ""
-            raise DataError(f"{err}{hint}") from err
+            if need_train:  # only the audit needs it: the audit is skipped, with the reason in the report
+                hint = " (or pass --baseline_n=0 to skip Table 2)" if separate else ""
+                raise DataError(f"{err}{hint}") from err
+            train_error = str(err)
+            log(f"the checkpoints' training data cannot be read, so the audit is skipped: {err}")
+        if restorer is not None and train_set is not None:
+            check_restorer_people(restorer.config, train_set.source, clean_first.recognizer.config.holdout,
+                                  clean_first.recognizer.config.split_seed)
         for model, record in zip(models, records if not separate else ()):
             classes = model.recognizer.variables["params"]["head"]["kernel"].shape[-1]
             stored = record.get("data_fingerprint")
@@ -210,8 +245,13 @@ def run_evaluate_job(job: EvaluateJob, progress: bool = True, log: Callable[[str
         f"{len(evalset.pairs)} pairs; models: {', '.join(f'{m.label} ({m.role})' for m in models)}; "
         f"mask hides {mask_ratio(mask):.1%}")
 
-    results, artifacts = evaluate_models(models, evalset, mask, job, train_set, progress, log)
+    results, artifacts = evaluate_models(models, evalset, mask, job, train_set, progress, log,
+                                         restore=None if restorer is None else restorer.restore,
+                                         train_error=train_error)
     results["figures"] = write_figures(out, evalset, mask, artifacts, job.attack_methods, job.examples)
+    figure = write_figure(results, out)
+    if figure:
+        results["figures"].append(figure)
     if raw_mask.shape != mask.shape:
         results["notes"].append(f"the mask file is {raw_mask.shape[0]}x{raw_mask.shape[1]}; resized (nearest) to "
                                 f"{size}x{size}")

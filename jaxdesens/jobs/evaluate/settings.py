@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from jaxdesens.metrics.attacks import ATTACK_METHODS
+from jaxdesens.privacy.audit_job import ATTACKERS as OFF_THE_SHELF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,10 @@ class EvaluateJob:
     examples: int = 4
     batch_size: int = 128
     seed: int = 0
+    audit: bool = True
+    audit_probes: int = 100
+    audit_attackers: str = "dlib"
+    restorer: str | None = None
 
     def __post_init__(self):
         checkpoints = self.checkpoints
@@ -52,6 +57,12 @@ class EvaluateJob:
         if self.examples < 1 or self.batch_size < 1:
             raise ValueError(f"--examples and --batch_size must be >= 1, got {self.examples}, {self.batch_size}")
         parse_attacks(self.attacks)
+        if self.audit_probes < 0:
+            raise ValueError(f"--audit_probes must be >= 0 (0 = every probe), got {self.audit_probes}")
+        unknown = sorted(set(a for a in self.audit_attackers.split(",") if a) - set(OFF_THE_SHELF))
+        if unknown:
+            raise ValueError(f"--audit_attackers: unknown {unknown}; a comma list of {','.join(OFF_THE_SHELF)} "
+                             "(or empty: only the recipient models)")
 
     @property
     def attack_methods(self) -> tuple[str, ...]:
