@@ -61,16 +61,31 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
 
 
 def put_batch(batch: Any, mesh: Mesh) -> Any:
-    """Global host batches (every process builds the same one from the seed) as global arrays
-    sharded along the batch axis: each process places only the rows of its own devices."""
+    """Each process's share of a global batch (the data pipeline yields rows
+    [process_index x share, ...)) assembled into global arrays sharded along the batch axis."""
     sharding = batch_sharded(mesh)
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, replicated(mesh))
+    """`tree` (the same values in every process) copied to every device of the mesh. Across
+    processes `device_put` cannot reach the other hosts' devices: each process places its own."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host_local(tree: Any) -> Any:
+    """Replicated global arrays as this process's own copy (on its first device), for the
+    single-process code that follows training (evaluation, export); unchanged on one process."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)

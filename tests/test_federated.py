@@ -229,7 +229,14 @@ def test_one_client_one_local_step_is_the_training_step():
     local = jax.tree.map(lambda x: x[None], initial_local_state(global_vars, make_optimizer(train_config)))
     new_global, _, metrics = round_fn(global_vars, local, jax.tree.map(lambda x: x[None, None], batch),
                                       np.array([8.0], np.float32), masks, key[None], np.int32(0))
-    assert tree_max_diff(new_global["params"], expected.params) < 1e-6
+    # Two differently compiled float32 programs (XLA fuses and orders the sums of the scanned,
+    # shard_mapped step otherwise): measured 1.0e-6 on a step that moves parameters by 0.98, i.e.
+    # 1e-6 of the update (the last BatchNorm scales start at 1, so the residual branches carry the
+    # rounding; in float64 the two agree exactly). A real difference (a missed step, another lr,
+    # key or mask) is of the order of the update itself.
+    update = tree_max_diff(expected.params, state.params)
+    assert update > 0.1
+    assert tree_max_diff(new_global["params"], expected.params) < 1e-5 * update
     assert tree_max_diff(new_global["batch_stats"], expected.batch_stats) < 1e-6
     assert float(metrics["lr"][0]) == pytest.approx(0.1)
 
@@ -267,8 +274,10 @@ MESH_PROBE = textwrap.dedent("""
             g, local, batches, np.ones(clients, np.float32), MaskSource(fixed=jnp.asarray(mask)),
             client_keys(jax.random.key(1), clients), np.int32(0)).compile().as_text()
         ops = re.findall(r"\\b(all-gather|all-reduce|reduce-scatter|all-to-all)[a-z-]*\\(", hlo)
-        # per-device image batches of the backbone's convolutions (the FSM's mask batch is 1)
-        batches = sorted({int(b) for b in re.findall(r"= f32\\[(\\d+),\\d+,\\d+,\\d+\\][^ ]* convolution\\(", hlo)})
+        # per-device image batches of the convolutions on images (forward and input gradient; the
+        # FSM's mask batch is 1): kernel gradients (->01bf) have no batch dimension
+        batches = sorted({int(b) for b in re.findall(
+            r"= f32\\[(\\d+),\\d+,\\d+,\\d+\\][^ ]* convolution\\([^\\n]*dim_labels=b01f_\\w+->b01f", hlo)})
         out[clients] = {"mesh": dict(mesh.shape), "gathers": ops.count("all-gather"),
                         "reduces": ops.count("all-reduce"), "conv_batches": batches}
     print(json.dumps(out))

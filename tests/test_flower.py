@@ -68,7 +68,8 @@ def client(d: dict[str, Path], name: str, port: int, workdir: Path, *extra: str)
                   f"--federation_key={d['key']}", f"--workdir={workdir}", *extra], workdir.parent / f"{name}.out")
 
 
-def server(d: dict[str, Path], port: int, workdir: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def server(d: dict[str, Path], port: int, workdir: Path, *extra: str,
+           timeout: int = 900) -> subprocess.CompletedProcess:
     """The README's server command."""
     command = [PYTHON, FEDERATE, "--engine=flower", "--role=server", f"--server_address=0.0.0.0:{port}",
                f"--eval_data={d['server_data']}", f"--mask={d['mask']}", *TRAINING, f"--workdir={workdir}", *extra]
@@ -109,7 +110,7 @@ def test_the_multi_machine_recipe_as_written(deployment, tmp_path):
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
         assert "resuming after round 1" in second.stdout
         codes = [c.wait(timeout=120) for c in clients]
-        outputs = [(tmp_path / f"{n}.out").read_text() for n in "ab"]
+        outputs = [(tmp_path / n / f"{n}.out").read_text() for n in "ab"]
         assert codes == [0, 0], outputs
     finally:
         for c in clients:
@@ -137,8 +138,9 @@ def test_a_refused_client_is_named_and_a_dead_one_ends_the_round(deployment, tmp
                "b": client(d, "b", port, tmp_path / "b" / "work"),
                "c": client(d, "c", port, tmp_path / "c" / "work", f"--mask={d['ones']}")}
     try:
-        run = subprocess.Popen([PYTHON, FEDERATE, "--engine=flower", "--role=server", f"--server_address=0.0.0.0:{port}",
-                                f"--eval_data={d['server_data']}", f"--mask={d['mask']}", *TRAINING,
+        run = subprocess.Popen([PYTHON, FEDERATE, "--engine=flower", "--role=server",
+                                f"--server_address=0.0.0.0:{port}", f"--eval_data={d['server_data']}",
+                                f"--mask={d['mask']}", *TRAINING,
                                 f"--workdir={workdir}", "--clients=3", "--min_clients=2", "--rounds=3"],
                                env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 900
@@ -146,7 +148,7 @@ def test_a_refused_client_is_named_and_a_dead_one_ends_the_round(deployment, tmp
             assert run.poll() is None and time.monotonic() < deadline, run.communicate()
             time.sleep(1)
         assert clients["c"].wait(timeout=60) == 1  # the refused client stops, saying why
-        refused = (tmp_path / "c.out").read_text()
+        refused = (tmp_path / "c" / "c.out").read_text()
         assert "client people_c refuses the run: it accepts only the mask given by its --mask" in refused
         died = time.monotonic()
         clients["b"].send_signal(signal.SIGKILL)  # the machine is gone: its SuperNode with it

@@ -152,8 +152,9 @@ def compile_federated_round(config: TrainConfig, fed: FederatedConfig, model, me
     by_client = NamedSharding(mesh, P(CLIENT_AXIS))
     batches = NamedSharding(mesh, P(CLIENT_AXIS, None, DATA_AXIS))
     fn = functools.partial(federated_round, mesh=mesh, **update_kwargs(config, fed, model))
+    # metrics stay with their client group (the host reads them): replicating them would all-gather
     return jax.jit(fn, in_shardings=(repl, by_client, batches, repl, repl, by_client, repl),
-                   out_shardings=(repl, by_client, repl), donate_argnums=(1,))
+                   out_shardings=(repl, by_client, by_client), donate_argnums=(1,))
 
 
 def compile_evaluate_clients(config: TrainConfig, fed: FederatedConfig, model, mesh: Mesh) -> Callable:
