@@ -308,9 +308,24 @@ def run_client(settings: NodeSettings, server_address: str, connect_timeout: flo
             raise FlowerError(f"{settings.label()}: its SuperNode exited with status {node.returncode} (could not "
                               f"reach {server_address} within --connect_timeout={connect_timeout:.0f} s, or failed); "
                               f"the end of {log_path}:\n{tail(log_path)}")
+        if (workdir / FINISHED).exists():
+            wait_for_reply(log_path, node)
         log(f"{settings.label()}: the server ended the run")
     finally:
         processes.stop()
+
+
+def wait_for_reply(log_path: Path, node: subprocess.Popen, timeout: float = 60.0) -> None:
+    """The ClientApp marks the run finished before its SuperNode sends the last reply: stopping
+    the SuperNode at once lost that reply (the clients' final evaluation). Waits until the log
+    shows the reply sent, the SuperNode exits, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while node.poll() is None and time.monotonic() < deadline:
+        lines = log_path.read_text(errors="replace").splitlines()
+        sending = max((i for i, line in enumerate(lines) if "Sending:" in line), default=-1)
+        if sending >= 0 and any("Sent successfully" in line for line in lines[sending:]):
+            return
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------ one command, loopback
