@@ -18,7 +18,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxdesens import parallel
@@ -31,7 +30,7 @@ from jaxdesens.masks.ops import mask_ratio
 from jaxdesens.models import ResNet
 from jaxdesens.recognizer import Recognizer, network_inputs
 from jaxdesens.state import TrainState, build_model, create_train_state, lr_schedule
-from jaxdesens.workdir import MetricsLog, RunDirectory
+from jaxdesens.workdir import MetricsLog, RunDirectory, window_values
 
 
 @flax.struct.dataclass
@@ -165,9 +164,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, progress: bool 
         window_images += config.batch_size
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-            elapsed = time.perf_counter() - window_start
-            values["images_per_s"] = window_images / max(elapsed, 1e-9)
+            values = window_values(pending, window_images, time.perf_counter() - window_start)
             metrics_log.write(done, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2g}",
                             img_s=f"{values['images_per_s']:.0f}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdesens.config import TrainConfig, config_differences
@@ -145,6 +146,13 @@ class RunDirectory:
 
     def write_json(self, name: str, values: Any) -> None:
         write_json_atomic(self.path / name, values)
+
+
+def window_values(pending: list[dict[str, Any]], images: int, seconds: float) -> dict[str, float]:
+    """A log window's line: each metric's mean over the window's steps, and images/s (every training loop)."""
+    values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+    values["images_per_s"] = images / max(seconds, 1e-9)
+    return values
 
 
 class MetricsLog:

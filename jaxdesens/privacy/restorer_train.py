@@ -36,7 +36,7 @@ from jaxdesens.data.errors import DataError
 from jaxdesens.masks import io as mask_io
 from jaxdesens.privacy.masks import mask_bank
 from jaxdesens.privacy.restorer import RestorerNet, composite
-from jaxdesens.workdir import MetricsLog, RunDirectory
+from jaxdesens.workdir import MetricsLog, RunDirectory, window_values
 
 IDENTITIES = ("held_out", "all")
 
@@ -225,8 +225,7 @@ def train_restorer(config: RestorerConfig, workdir: str | Path, progress: bool =
         pending.append(metrics)
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-            values["images_per_s"] = len(pending) * config.batch_size / max(time.perf_counter() - window_start, 1e-9)
+            values = window_values(pending, len(pending) * config.batch_size, time.perf_counter() - window_start)
             metrics_log.write(done, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", hole_l1=f"{values['hole_l1']:.3f}",
                             img_s=f"{values['images_per_s']:.0f}")
