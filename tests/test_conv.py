@@ -136,7 +136,7 @@ def test_fresh_process_gets_the_flag_and_the_same_numbers(tmp_path):
     Imported after JAX started its backend, the project says the flag is not in effect."""
     env = subprocess_env()
     env.pop("XLA_FLAGS")
-    user_env = subprocess_env(devices=2)
+    user_env = {**subprocess_env(devices=2), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     reports = {}
     for name, child_env in (("project", env), ("user", user_env)):
         out = subprocess.run([PYTHON, "-c", _CHILD, str(tmp_path / f"{name}.npz")], env=child_env,
