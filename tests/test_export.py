@@ -517,8 +517,8 @@ def test_att_export_all_400_faces(att_dir, tmp_path):
     dataset = load_dataset(tmp_path / "att", 48, 1)
     assert dataset.num_classes == 40 and len(dataset) == 400 and dataset.mask.shape == (48, 48)
     # the re-identification audit: all 40 people in the gallery, one probe each (the cap). Measured:
-    # dlib found 39 of the 40 gallery faces (48 px grey) and named 82.5-90% of clean probes (three runs:
-    # which photo is the probe follows the export's random key), 37.5-40% with only this eye band
+    # dlib found 39 of the 40 gallery faces (48 px grey) and named 82.5-90% of clean probes (three runs,
+    # two checkouts: not the same number each run), 37.5-40% with only this eye band
     # visible, 45-47.5% after Navier-Stokes inpainting (chance 2.5%)
     audit = report["reidentification"]
     rank1 = {r["probes"]: r["rank1"] for r in audit["results"]}
