@@ -60,5 +60,6 @@ def initial_variables(config: TrainConfig, model, key: jax.Array, image_shape: t
 
 
 def initial_local_state(global_vars: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:
-    """A federated client's state before its first round: the global statistics and a fresh optimizer."""
-    return {"batch_stats": global_vars["batch_stats"], "opt_state": tx.init(global_vars["params"])}
+    """A federated client's state before its first round: the initial model (under FedBN its
+    BatchNorm layers are the client's own from then on) and a fresh optimizer."""
+    return {"variables": global_vars, "opt_state": tx.init(global_vars["params"])}

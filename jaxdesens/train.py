@@ -176,7 +176,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, progress: bool 
     run.wait()
     metrics_log.close()
 
-    recognizer = Recognizer(model, {"params": state.params, "batch_stats": state.batch_stats}, config)
+    # evaluation is per process: under multi-host every process holds a full replica
+    recognizer = Recognizer(model, parallel.to_host_local({"params": state.params, "batch_stats": state.batch_stats}),
+                            config)
     evaluation = held_out_verification(recognizer, held_out, masks, premasked=dataset.mask is not None,
                                        batch_size=config.eval_batch_size)
     log(format_evaluation(evaluation))

@@ -164,22 +164,25 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, start_step: int = 0):
         self.path = workdir / "metrics.jsonl"
+        self._file = self._tb = None
+        if jax.process_index() != 0:  # a multi-host run: every process computes the same metrics
+            return
         kept = []
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
-        self._tb = None
-        if jax.process_index() == 0:
-            try:
-                from tensorboardX import SummaryWriter
+        try:
+            from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None)
-            except ImportError:
-                pass
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None)
+        except ImportError:
+            pass
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -187,6 +190,7 @@ class MetricsLog:
                 self._tb.add_scalar(f"train/{name}", value, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -134,11 +134,11 @@ MUTATIONS = (
              "pair_accuracy(load_recognizer(workdir), test.images, pairs)",
              (WIRING + "test_pipeline_situation_one_embeds_the_masked_test_faces",)),
     # FedAvg unweighted with unequal clients
-    Mutation("FedAvg unweighted (aggregate)", "jaxdesens/federated.py",
+    Mutation("FedAvg unweighted (aggregate)", "jaxdesens/federation/client.py",
              "    weights = counts / counts.sum()", "    weights = jnp.ones_like(counts) / counts.size",
              ("tests/test_federated.py::test_fedavg_end_to_end_weights_clients_of_different_sizes",)),
-    Mutation("FedAvg unweighted (simulation's counts)", "jaxdesens/federated.py",
-             "np.asarray([len(p) for p in setup.parts], np.float32)", "np.ones(fed.clients, np.float32)",
+    Mutation("FedAvg unweighted (simulation's counts)", "jaxdesens/federation/simulation.py",
+             "np.asarray([len(p) for p in sim.parts], np.float32)", "np.ones(fed.clients, np.float32)",
              ("tests/test_federated.py::test_fedavg_end_to_end_weights_clients_of_different_sizes",)),
     # thresholds fitted on the test fold (alone, or with the others)
     Mutation("thresholds fitted on the scored fold", "jaxdesens/metrics/verification.py",
