@@ -318,12 +318,13 @@ def run_client(settings: NodeSettings, server_address: str, connect_timeout: flo
 def wait_for_reply(log_path: Path, node: subprocess.Popen, timeout: float = 60.0) -> None:
     """The ClientApp marks the run finished before its SuperNode sends the last reply: stopping
     the SuperNode at once lost that reply (the clients' final evaluation). Waits until the log
-    shows the reply sent, the SuperNode exits, or `timeout`."""
+    shows a reply sent after the last message received, the SuperNode exits, or `timeout`."""
     deadline = time.monotonic() + timeout
     while node.poll() is None and time.monotonic() < deadline:
         lines = log_path.read_text(errors="replace").splitlines()
+        received = max((i for i, line in enumerate(lines) if "Receiving:" in line), default=-1)
         sending = max((i for i, line in enumerate(lines) if "Sending:" in line), default=-1)
-        if sending >= 0 and any("Sent successfully" in line for line in lines[sending:]):
+        if sending > received and any("Sent successfully" in line for line in lines[sending:]):
             return
         time.sleep(0.5)
 
