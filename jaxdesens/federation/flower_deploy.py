@@ -36,6 +36,7 @@ from jaxdesens.federation.participant import FAILED, FINISHED, NodeSettings
 APP_NAME = "jaxdesens-federation"
 CONNECTION = "jaxdesens"
 DEFAULT_SERVER_ADDRESS = "0.0.0.0:9092"
+REPLY_GRACE = 5.0  # seconds a client's SuperNode stays up after its last reply (see wait_for_reply)
 
 
 class FlowerError(RuntimeError):
@@ -302,29 +303,33 @@ def run_client(settings: NodeSettings, server_address: str, connect_timeout: flo
         if (workdir / FAILED).exists():
             import json
 
+            wait_for_reply(log_path, node)  # the server learns why (otherwise it sees the node vanish)
             reason = json.loads((workdir / FAILED).read_text())["reason"]
             raise FlowerError(f"{settings.label()} left the run: {reason}")
         if node.poll() is not None:
             raise FlowerError(f"{settings.label()}: its SuperNode exited with status {node.returncode} (could not "
                               f"reach {server_address} within --connect_timeout={connect_timeout:.0f} s, or failed); "
                               f"the end of {log_path}:\n{tail(log_path)}")
-        if (workdir / FINISHED).exists():
-            wait_for_reply(log_path, node)
+        wait_for_reply(log_path, node)
         log(f"{settings.label()}: the server ended the run")
     finally:
         processes.stop()
 
 
 def wait_for_reply(log_path: Path, node: subprocess.Popen, timeout: float = 60.0) -> None:
-    """The ClientApp marks the run finished before its SuperNode sends the last reply: stopping
-    the SuperNode at once lost that reply (the clients' final evaluation). Waits until the log
-    shows a reply sent after the last message received, the SuperNode exits, or `timeout`."""
+    """The ClientApp marks the run finished (or refused) before its SuperNode sends the reply:
+    stopping the SuperNode at once lost that reply (the clients' final evaluation; a refusal's
+    reason). Waits until the log shows a reply sent after the last message received, the
+    SuperNode exits, or `timeout`; then lingers `REPLY_GRACE` seconds, because the SuperLink
+    answers "Node Unavailable" instead of handing over the stored reply of a node that went
+    offline before the server pulled it (flwr 1.42; the server pulls every 0.5 s)."""
     deadline = time.monotonic() + timeout
     while node.poll() is None and time.monotonic() < deadline:
         lines = log_path.read_text(errors="replace").splitlines()
         received = max((i for i, line in enumerate(lines) if "Receiving:" in line), default=-1)
         sending = max((i for i, line in enumerate(lines) if "Sending:" in line), default=-1)
         if sending > received and any("Sent successfully" in line for line in lines[sending:]):
+            time.sleep(REPLY_GRACE)
             return
         time.sleep(0.5)
 
