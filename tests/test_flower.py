@@ -145,6 +145,7 @@ def test_the_multi_machine_recipe_with_a_refusal_a_restart_and_a_death(deploymen
     assert "resuming after round 1" in out
     assert re.search(r"round 3: 1 client\(s\) answered, the run needs 2 \(--min_clients\); failed: client people_b "
                      r"\(node \d+\): .*(Node Unavailable|no reply)", err), err[-3000:]
+    print(f"the run ended {ended:.0f} s after client b died")  # shown by pytest -rP
     assert ended < 240, ended
     assert json.loads((workdir / "federation-status.json").read_text())["state"] == "failed"
     entries = rounds(workdir)
