@@ -136,10 +136,10 @@ MUTATIONS = (
     # FedAvg unweighted with unequal clients
     Mutation("FedAvg unweighted (aggregate)", "jaxdesens/federation/client.py",
              "    weights = counts / counts.sum()", "    weights = jnp.ones_like(counts) / counts.size",
-             ("tests/test_federated.py::test_fedavg_end_to_end_weights_clients_of_different_sizes",)),
+             ("tests/test_federated.py::test_fedavg_weights_each_clients_training_step_by_its_examples",)),
     Mutation("FedAvg unweighted (simulation's counts)", "jaxdesens/federation/simulation.py",
              "np.asarray([len(p) for p in sim.parts], np.float32)", "np.ones(fed.clients, np.float32)",
-             ("tests/test_federated.py::test_fedavg_end_to_end_weights_clients_of_different_sizes",)),
+             ("tests/test_federated.py::test_fedavg_weights_each_clients_training_step_by_its_examples",)),
     # thresholds fitted on the test fold (alone, or with the others)
     Mutation("thresholds fitted on the scored fold", "jaxdesens/metrics/verification.py",
              "best_threshold(scores[fold != f], issame[fold != f])",
