@@ -12,7 +12,7 @@ Modules (imported on use, so `import jaxdesens` stays light):
   jaxdesens.train           training (resnet / mask / fsm), data-parallel, resumable
   jaxdesens.desensitize     mask / blur / mosaic operators and the hand-off exporter
   jaxdesens.metrics         verification, image quality, inpainting attacks
-  jaxdesens.federated       FedAvg over client parameter trees sharded on the mesh; Flower adapter
+  jaxdesens.federation      FedAvg / FedBN: simulation on a (clients, data) mesh; Flower ServerApp/ClientApp
   jaxdesens.jobs            the CLI jobs (search, evaluate, pipeline)
   jaxdesens.xla_flags       the XLA:CPU convolution flag, applied here, before JAX starts its backend
 """
