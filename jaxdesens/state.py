@@ -7,7 +7,6 @@ imports the code that trains one.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -45,11 +44,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def create_train_state(config: TrainConfig, model: ResNet, key: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
-    """The initial state; `model.init` is jitted: run eagerly, its ~250 primitives each compiled
-    on their own took 7-8 s of every CPU process that trains or loads a model."""
     images = jnp.zeros((1, *image_shape), jnp.float32)
     mask = jnp.ones((1, *image_shape[:2], 1), jnp.float32) if model.fsm_after else None
-    variables = jax.jit(functools.partial(model.init, train=False))(key, images, mask)
+    variables = model.init(key, images, mask, train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables["batch_stats"], tx=make_optimizer(config))
 
