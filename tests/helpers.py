@@ -4,6 +4,7 @@ environments."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -62,3 +63,9 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def no_deprecation(*texts: str) -> None:
+    """No output of a run mentions a deprecation (issue 16: the old Flower API's warnings were filtered)."""
+    for text in texts:
+        assert not re.search("deprecat", text, re.IGNORECASE), text[-3000:]

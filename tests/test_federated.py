@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PYTHON, ROOT, subprocess_env, write_identity_folder
+from helpers import PYTHON, ROOT, no_deprecation, subprocess_env, write_identity_folder
 
 from jaxdesens.config import TrainConfig
 from jaxdesens.data import IdentitySet
@@ -376,6 +376,17 @@ def inproc_run(workdir: Path, data: Path, key: Path, broken=None, options: Serve
     return transport, logs, result
 
 
+def assert_same_client_evaluations(a: Path, b: Path) -> None:
+    """Two runs' clients.jsonl: the same clients, rounds, counts and accuracies; losses up to the
+    float32 rounding of another process (measured 1e-7 of a loss)."""
+    runs = [[json.loads(x) for x in (w / "clients.jsonl").read_text().splitlines()] for w in (a, b)]
+    assert len(runs[0]) == len(runs[1]) == 6  # 2 clients x rounds 0, 1, 2
+    for x, y in zip(*runs):
+        assert (x["round"], x["client"], x["examples"], x["accuracy"]) == \
+            (y["round"], y["client"], y["examples"], y["accuracy"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def inproc(tmp_path_factory):
     """A 2-client federation with in-process clients on a folder of 9 named people under a fixed
@@ -428,15 +439,7 @@ def test_in_process_federation_is_the_simulation(inproc):
         federated, _ = load_global(root / "server", r)
         simulated, _ = load_global(root / "simulation", r)
         assert tree_max_diff(federated.variables, simulated.variables) < 1e-6, r
-    # the clients' evaluations of round 2 ran in the resumed simulation's own process: float32
-    # rounding of another process (measured 1e-7 of a loss)
-    evaluations = [[json.loads(x) for x in (root / w / "clients.jsonl").read_text().splitlines()]
-                   for w in ("server", "simulation")]
-    assert len(evaluations[0]) == len(evaluations[1]) == 6
-    for fed_entry, sim_entry in zip(*evaluations):
-        assert (fed_entry["round"], fed_entry["client"]) == (sim_entry["round"], sim_entry["client"])
-        assert fed_entry["examples"] == sim_entry["examples"] and fed_entry["accuracy"] == sim_entry["accuracy"]
-        assert fed_entry["loss"] == pytest.approx(sim_entry["loss"], rel=1e-5)
+    assert_same_client_evaluations(root / "server", root / "simulation")
     for name in ("rounds.jsonl",):
         fed_lines = [json.loads(x) for x in (root / "server" / name).read_text().splitlines()]
         sim_lines = [json.loads(x) for x in (root / "simulation" / name).read_text().splitlines()]
@@ -453,18 +456,13 @@ def test_flower_one_command_is_the_simulation(inproc, tmp_path):
     workdir = tmp_path / "flower"
     result = federate("--engine=flower", f"--data={data}", f"--mask={root / 'mask.npy'}",
                       f"--federation_key={root / 'federation.key'}", f"--workdir={workdir}")
-    logs = [result.stdout, result.stderr, *(p.read_text() for p in workdir.glob("client_*.log"))]
-    assert not any("deprecat" in text.lower() for text in logs)
+    no_deprecation(result.stdout, result.stderr, *(p.read_text() for p in workdir.glob("client_*.log")))
     assert [e["round"] for e in rounds(workdir)] == [1, 2]
     for r in (1, 2):
         flower, _ = load_global(workdir, r)
         simulated, _ = load_global(root / "simulation", r)
         assert tree_max_diff(flower.variables, simulated.variables) < FLOWER_AGREEMENT, r
-    clients = [json.loads(x) for x in (workdir / "clients.jsonl").read_text().splitlines()]
-    expected = [json.loads(x) for x in (root / "simulation" / "clients.jsonl").read_text().splitlines()]
-    assert [(c["round"], c["client"]) for c in clients] == [(e["round"], e["client"]) for e in expected]
-    for c, e in zip(clients, expected):
-        assert c["accuracy"] == pytest.approx(e["accuracy"], abs=1e-6)
+    assert_same_client_evaluations(workdir, root / "simulation")
 
 
 def test_a_failing_client_is_named_and_the_rest_proceed_only_if_allowed(inproc, tmp_path):

@@ -18,18 +18,13 @@ from pathlib import Path
 import flwr  # noqa: F401  (a declared test dependency: missing, these tests fail rather than skip)
 import numpy as np
 import pytest
-from helpers import PYTHON, ROOT, subprocess_env
+from helpers import PYTHON, ROOT, no_deprecation, subprocess_env
 
 from jaxdesens.federation.flower_deploy import free_port
 
 FEDERATE = str(ROOT / "launch" / "federated.py")
 TRAINING = ["--model=fsm", "--width=0.125", "--image_size=16", "--batch_size=8", "--local_steps=1", "--lr=0.05",
             "--eval_images=8"]
-
-
-def no_deprecation(*texts: str) -> None:
-    for text in texts:
-        assert not re.search("deprecat", text, re.IGNORECASE), text[-3000:]
 
 
 def folder_of(root: Path, att_dir: Path, people: range) -> Path:

@@ -300,17 +300,16 @@ def run_client(settings: NodeSettings, server_address: str, connect_timeout: flo
         log(f"{settings.label()}: SuperNode connecting to {server_address} (log {log_path}); waiting for the run")
         while node.poll() is None and not (workdir / FINISHED).exists() and not (workdir / FAILED).exists():
             time.sleep(0.5)
+        wait_for_reply(log_path, node)  # a final evaluation, or why it refused, must reach the server
         if (workdir / FAILED).exists():
             import json
 
-            wait_for_reply(log_path, node)  # the server learns why (otherwise it sees the node vanish)
             reason = json.loads((workdir / FAILED).read_text())["reason"]
             raise FlowerError(f"{settings.label()} left the run: {reason}")
         if node.poll() is not None:
             raise FlowerError(f"{settings.label()}: its SuperNode exited with status {node.returncode} (could not "
                               f"reach {server_address} within --connect_timeout={connect_timeout:.0f} s, or failed); "
                               f"the end of {log_path}:\n{tail(log_path)}")
-        wait_for_reply(log_path, node)
         log(f"{settings.label()}: the server ended the run")
     finally:
         processes.stop()
