@@ -1,7 +1,7 @@
 """Search a desensitization mask (Algorithm 1) with a clean recognizer's checkpoint.
 
     python launch/search.py --checkpoint=WORKDIR [--data=DIR] --n=2000 --T=0.5 --K=64 \
-        --gamma=1.0 --batch_images=32 --out=DIR --seed=0
+        --gamma=1.0 --batch_images=32 --out=DIR --seed=0 [--objective=ce|verification]
 
 Builds the EBP template S from K training images (or from occlusion sensitivity with
 --saliency=occlusion), measures how faithful it is to occlusion, scores n free-form candidates
@@ -25,8 +25,12 @@ HELP = {
     "data": "the data the checkpoint was trained on (default: the one recorded in its workdir)",
     "n": "number of candidate masks", "T": "saliency threshold of the template (Formula 4)",
     "K": "images averaged into the mean saliency map",
-    "gamma": "weight of the mask ratio in the objective (default ln(number of classes))",
-    "batch_images": "labelled images B each candidate is scored on",
+    "gamma": "weight of the mask ratio in the objective (default: the loss at chance, ln(number of classes) for "
+             "ce, 0.5 for verification)",
+    "objective": "what a candidate must keep: ce (the paper's: the classifier's cross-entropy on the masked images) "
+                 "or verification (the pair error of the masked images' embeddings, same identity against not; "
+                 "it predicts held-out verification, see the README)",
+    "batch_images": "labelled images B each candidate is scored on (verification: 4 per identity; 128 recommended)",
     "chunk": "masks per vmapped scoring call, split over the devices (0 = 32 per CPU device, or from each "
              "accelerator's memory)",
     "without_ebp": "ablation: no template (S empty)",

@@ -12,7 +12,7 @@ import optax
 import pytest
 from helpers import PYTHON, ROOT, subprocess_env, tiny_search_problem
 
-from jaxdesens.jobs.search import SearchJob, balanced_sample, run_search_job
+from jaxdesens.jobs.search import SearchJob, balanced_sample, grouped_sample, run_search_job
 from jaxdesens.masks import levels
 from jaxdesens.masks.io import load_mask
 from jaxdesens.models.functional import forward
@@ -23,6 +23,7 @@ from jaxdesens.search import (
     auto_chunk,
     candidate_masks,
     make_candidates,
+    pair_indices,
     score_masks,
     search_mask,
     table_rows,
@@ -202,3 +203,53 @@ def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, att_
     ablation = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "no_ebp"), n=64, K=8,
                                         without_ebp=True, evaluate=False), progress=False, log=lambda _: None)
     assert ablation["template_kept"] == 0.0
+    pairs = run_search_job(SearchJob(checkpoint=str(att_clean_workdir), out=str(tmp_path / "pairs"), n=16, K=8, T=0.6,
+                                     objective="verification", batch_images=16, faithfulness=False, evaluate=False),
+                           progress=False, log=lambda _: None)
+    assert pairs["gamma"] == 0.5 and pairs["scoring_images"] == 16 and 0 <= pairs["pair_error"] < 0.5, pairs
+    rows = json.loads((tmp_path / "pairs" / "candidates.json").read_text())
+    assert "pair_error" in rows[0] and "ce" not in rows[0]
+
+
+def test_pair_error_is_one_minus_the_roc_auc_of_the_models_masked_embeddings():
+    """The verification objective against the Flax model's own embedding and the metrics' AUC."""
+    from jaxdesens.metrics.verification import roc_auc
+    from jaxdesens.models import ResNet
+    from jaxdesens.models.functional import fold_batchnorm
+
+    model = ResNet(depth=18, num_classes=4, width=0.125)
+    images = np.asarray(jax.random.uniform(jax.random.key(0), (8, SIZE, SIZE, 3)))
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 0])
+    variables = model.init(jax.random.key(1), images)
+    masks = np.asarray(candidate_masks(np.zeros((SIZE, SIZE), np.float32), np.arange(3), SearchConfig()))
+    pairs = pair_indices(labels)
+    scores = score_masks(fold_batchnorm(variables, 18), jnp.asarray(images), pairs, jnp.asarray(masks),
+                         jnp.float32(0.5), jnp.float32(0.0), objective="verification")
+    left, right = np.triu_indices(len(labels), 1)
+    for i, mask in enumerate(masks):
+        _, features = model.apply(variables, images * mask[None, :, :, None])
+        emb = np.asarray(features["embedding"])
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        auc = roc_auc(np.sum(emb[left] * emb[right], axis=1), labels[left] == labels[right])
+        np.testing.assert_allclose(scores["pair_error"][i], 1 - auc, atol=1e-5)
+        np.testing.assert_allclose(scores["objective"][i], 1 - auc - 0.5 * (1 - mask.mean()), atol=1e-5)
+    assert len(set(np.round(np.asarray(scores["pair_error"]), 6))) == 3  # the masks change the embeddings
+    hidden = score_masks(fold_batchnorm(variables, 18), jnp.asarray(images), pairs, jnp.zeros((1, SIZE, SIZE)),
+                         jnp.float32(0.5), jnp.float32(0.0), objective="verification")
+    assert float(hidden["pair_error"][0]) == 0.5  # all-hidden images are all alike: every pair ties
+    with pytest.raises(ValueError, match="two images of one identity"):
+        pair_indices(np.arange(4))
+
+
+def test_verification_search_scores_identity_groups(tiny, tmp_path):
+    """grouped_sample gives the pairs the objective needs; the search table names the loss."""
+    labels = np.repeat(np.arange(10), 5)
+    picked = grouped_sample(labels, 12, 4, np.random.default_rng(0))
+    assert len(picked) == 12 and sorted(np.bincount(labels[picked])[np.bincount(labels[picked]) > 0]) == [4, 4, 4]
+    folded, images, labels6, template = tiny
+    config = SearchConfig(n=16, gamma=0.5, objective="verification", batch_images=6)
+    result = search_mask(folded, images, labels6, template, config)
+    assert "pair_error" in result.table and "ce" not in result.table
+    assert 0.0 <= result.best()["pair_error"] <= 1.0
+    with pytest.raises(ValueError, match="--objective"):
+        SearchConfig(objective="accuracy")

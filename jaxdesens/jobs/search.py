@@ -5,7 +5,8 @@ Output folder:
   occlusion.{npy,png}     mean occlusion sensitivity (CE rise per hidden patch): the ground truth
   faithfulness.png        mean EBP beside mean occlusion, the template, and the deletion curves
   mask.{png,npy}          the best mask (1/255 = visible)
-  candidates.json         every candidate: objective, CE (null below the ratio floor), ratio, RMG
+  candidates.json         every candidate: objective, loss (CE or pair error; null below the ratio
+                          floor), ratio, RMG
                           hyper-parameters
   top_masks.png           the best candidates and faces under them (Fig. 6)
   summary.json            settings, best objective/CE/ratio, candidates scored, masks/s, verification,
@@ -35,7 +36,7 @@ from jaxdesens.recognizer import Recognizer, load_recognizer
 from jaxdesens.saliency.faithfulness import faithfulness_report, save_faithfulness_figure
 from jaxdesens.saliency.occlusion import default_patch, occlusion_maps
 from jaxdesens.saliency.template import mean_saliency, rescale01, save_template_figure, threshold_template
-from jaxdesens.search import SearchConfig, candidate_masks, search_mask, table_rows
+from jaxdesens.search import SearchConfig, candidate_masks, check_objective, search_mask, table_rows
 from jaxdesens.workdir import write_json_atomic
 
 SALIENCY_METHODS = ("ebp", "occlusion")
@@ -50,6 +51,7 @@ class SearchJob:
     T: float = 0.5
     K: int = 64
     gamma: float | None = None
+    objective: str = "ce"
     min_ratio: float = 0.6
     adapt_floor: bool = False
     batch_images: int = 32
@@ -80,14 +82,16 @@ class SearchJob:
             raise ValueError(f"--K must be >= 1, got {self.K}")
         if self.saliency not in SALIENCY_METHODS:
             raise ValueError(f"--saliency must be one of {'|'.join(SALIENCY_METHODS)}, got {self.saliency!r}")
+        check_objective(self.objective)
         if self.occlusion_patch < 0 or self.occlusion_stride < 0:
             raise ValueError("--occlusion_patch and --occlusion_stride must be >= 0 (0 = from the image size)")
 
 
-def default_gamma(num_classes: int) -> float:
-    """ln(C): the cross-entropy of a chance-level prediction, so hiding the whole image (ratio 1)
-    is worth about as much as the recognition it can cost; this puts both terms on one scale."""
-    return float(np.log(num_classes))
+def default_gamma(num_classes: int, objective: str = "ce") -> float:
+    """The loss of a chance-level recognizer: ln(C) for the cross-entropy, 0.5 for the pair error.
+    Hiding the whole image (ratio 1) is then worth about as much as the recognition it can cost,
+    which puts both terms of the objective on one scale."""
+    return float(np.log(num_classes)) if objective == "ce" else 0.5
 
 
 def balanced_sample(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -100,6 +104,23 @@ def balanced_sample(labels: np.ndarray, count: int, rng: np.random.Generator) ->
         seen[int(labels[i])] = rank[i] + 1
     by_rank = order[np.argsort(rank[order], kind="stable")]
     return np.sort(by_rank[:min(count, len(labels))])
+
+
+IMAGES_PER_IDENTITY = 4  # scoring images per identity for the verification objective
+
+
+def grouped_sample(labels: np.ndarray, count: int, per_identity: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of about `count` images, `per_identity` from each of `count // per_identity`
+    identities (fewer where an identity has fewer), so the batch holds same-identity pairs."""
+    chosen: list[int] = []
+    for identity in rng.permutation(np.unique(labels)):
+        members = np.flatnonzero(labels == identity)
+        if len(members) < 2:
+            continue
+        chosen.extend(rng.choice(members, min(per_identity, len(members)), replace=False))
+        if len(chosen) >= count:
+            break
+    return np.sort(np.asarray(chosen[:max(count, 2)], np.int64))
 
 
 def search_data(recognizer: Recognizer, data: str | None) -> tuple[IdentitySet, IdentitySet]:
@@ -156,7 +177,8 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
     train_set, held_out = search_data(recognizer, job.data)
     rng = np.random.default_rng(job.seed)
     template_idx = balanced_sample(train_set.labels, job.K, rng)
-    score_idx = balanced_sample(train_set.labels, job.batch_images, rng)
+    score_idx = (balanced_sample(train_set.labels, job.batch_images, rng) if job.objective == "ce"
+                 else grouped_sample(train_set.labels, job.batch_images, IMAGES_PER_IDENTITY, rng))
     depth = recognizer.config.depth
     size = train_set.image_shape[:2]
 
@@ -206,9 +228,9 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
                          f"can hide --min_ratio={job.min_ratio}; raise --T (pixels kept by T: {kept}) "
                          "or lower --min_ratio")
 
-    gamma = default_gamma(train_set.num_classes) if job.gamma is None else job.gamma
-    config = SearchConfig(n=job.n, gamma=gamma, min_ratio=min_ratio, batch_images=len(score_idx), chunk=job.chunk,
-                          seed=job.seed)
+    gamma = default_gamma(train_set.num_classes, job.objective) if job.gamma is None else job.gamma
+    config = SearchConfig(n=job.n, gamma=gamma, objective=job.objective, min_ratio=min_ratio,
+                          batch_images=len(score_idx), chunk=job.chunk, seed=job.seed)
     candidates = None
     if job.level >= 0:
         candidates = levels.masks_at_level(jax.random.key(job.seed), job.level, job.n, *size)
@@ -242,7 +264,8 @@ def run_search_job(job: SearchJob, progress: bool = True, log: Callable[[str], N
                                "scoring_images": len(score_idx), "template_images": len(template_idx)}
     if faithfulness is not None:
         summary["faithfulness"] = faithfulness
-    log(f"best mask #{result.best_index}: objective {summary['objective']:.4f}, CE {summary['ce']:.4f}, "
+    loss = config.loss_name
+    log(f"best mask #{result.best_index}: objective {summary['objective']:.4f}, {loss} {summary[loss]:.4f}, "
         f"ratio {summary['ratio']:.3f}; scored the {result.scored} of {job.n} candidates above the ratio floor "
         f"at {result.masks_per_s:.0f} masks/s ({result.seconds:.1f} s in all)")
     if job.evaluate:
