@@ -13,6 +13,7 @@ from __future__ import annotations
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdesens import parallel
 from jaxdesens.masks.freeform import StrokeRanges
@@ -20,7 +21,7 @@ from jaxdesens.models import ResNet, conv
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import saliency_maps
 from jaxdesens.saliency.occlusion import default_patch, occlusion_maps, patch_masks
-from jaxdesens.search import make_candidates, score_masks
+from jaxdesens.search import make_candidates, pair_indices, score_masks
 
 STAGES = ("scoring", "generation", "ebp", "occlusion")  # ebp includes the plain forward it is compared with
 
@@ -31,15 +32,17 @@ def scoring_rows(args, folded, images, labels, template, ranges, key) -> list[di
     dtype_name = jnp.dtype(folded["stem"]["w"].dtype).name
     mesh = parallel.make_mesh(jax.local_devices())
     gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
-    folded, images, labels, gamma, floor = parallel.put_replicated((folded, images, labels, gamma, floor), mesh)
+    targets = labels if args.objective == "ce" else pair_indices(np.asarray(labels))
+    folded, images, targets, gamma, floor = parallel.put_replicated((folded, images, targets, gamma, floor), mesh)
     for chunk in (int(c) for c in args.chunk.split(",")):
         masks, _ = make_candidates(key, jnp.arange(chunk), template, ranges)
         masks = jax.device_put(masks, parallel.batch_sharded(mesh))
-        scorer = score_masks.lower(folded, images, labels, masks, gamma, floor).compile()
-        r = common.time_it(lambda: scorer(folded, images, labels, masks, gamma, floor)["objective"].block_until_ready(),
-                           chunk, windows=args.windows, iters=args.iters)
+        scorer = score_masks.lower(folded, images, targets, masks, gamma, floor, objective=args.objective).compile()
+        step = lambda: scorer(folded, images, targets, masks, gamma, floor)["objective"].block_until_ready()  # noqa: E731
+        r = common.time_it(step, chunk, windows=args.windows, iters=args.iters)
         rows.append({"name": "scoring", "value": r["per_s"], "unit": "masks/s", "chunk": chunk,
-                     "notes": f"B={args.batch_images} images/mask, chunk={chunk}, {dtype_name}, {mesh.size} device(s)"
+                     "notes": f"{args.objective}, B={args.batch_images} images/mask, chunk={chunk}, {dtype_name}, "
+                              f"{mesh.size} device(s)"
                               + (", space-to-depth stem" if conv.SPACE_TO_DEPTH else ""),
                      "images_per_s": r["per_s"] * args.batch_images, **r})
     return rows
@@ -93,6 +96,8 @@ def main() -> None:
     parser = common.base_parser(__doc__)
     common.add_model_flags(parser)
     parser.add_argument("--batch_images", type=int, default=32, help="B: images each mask is scored on")
+    parser.add_argument("--objective", choices=("ce", "verification"), default="ce",
+                        help="the scoring objective (verification: 4 images per identity)")
     parser.add_argument("--chunk", default="256", help="masks per vmapped call (comma-separated to try several)")
     parser.add_argument("--ebp_batch", type=int, default=256)
     parser.add_argument("--generation_chunk", type=int, default=4096)
@@ -114,7 +119,8 @@ def main() -> None:
     folded = fold_batchnorm(variables, args.depth, dtype)
     key = jax.random.key(1)
     images = jax.random.uniform(key, (args.batch_images, size, size, 3), dtype=jnp.float32).astype(dtype)
-    labels = jax.random.randint(key, (args.batch_images,), 0, args.classes)
+    labels = (jax.random.randint(key, (args.batch_images,), 0, args.classes) if args.objective == "ce"
+              else jnp.arange(args.batch_images) // max(1, min(4, args.batch_images // 2)))  # 4 per identity
     template = jnp.zeros((size, size), jnp.float32).at[size // 3: size // 2, size // 5: 4 * size // 5].set(1)
     ranges = StrokeRanges()
     rows = []
