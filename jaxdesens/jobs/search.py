@@ -6,10 +6,9 @@ Output folder:
   faithfulness.png        mean EBP beside mean occlusion, the template, and the deletion curves
   mask.{png,npy}          the best mask (1/255 = visible)
   candidates.json         every candidate: objective, loss (CE or pair error; null below the ratio
-                          floor), ratio, RMG
-                          hyper-parameters
+                          floor), ratio, RMG hyper-parameters
   top_masks.png           the best candidates and faces under them (Fig. 6)
-  summary.json            settings, best objective/CE/ratio, candidates scored, masks/s, verification,
+  summary.json            settings, best objective/loss/ratio, candidates scored, masks/s, verification,
                           faithfulness of the template to occlusion (correlation, effect share,
                           border share, deletion-curve areas)
 """
@@ -120,7 +119,7 @@ def grouped_sample(labels: np.ndarray, count: int, per_identity: int, rng: np.ra
         chosen.extend(rng.choice(members, min(per_identity, len(members)), replace=False))
         if len(chosen) >= count:
             break
-    return np.sort(np.asarray(chosen[:max(count, 2)], np.int64))
+    return np.sort(np.asarray(chosen[:count], np.int64))
 
 
 def search_data(recognizer: Recognizer, data: str | None) -> tuple[IdentitySet, IdentitySet]:
