@@ -9,6 +9,7 @@ variable is not set at all (a machine without the shared data).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -20,6 +21,52 @@ flags.FLAGS.mark_as_parsed()  # grain reads absl flags; pytest never parses them
 _CACHE = os.environ.get("JAXDESENS_TEST_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, the README's test command).
+# A worker builds a session- or module-scoped fixture for itself, so the tests that share an
+# expensive one are sent to one worker as an `xdist_group`: the AT&T models below (minutes of
+# training) are one group, and the tests using a module's module-scoped fixtures are that module's
+# group. The persistent compilation cache stays shared by the workers and their children: JAX
+# writes an entry in place (not atomically), but a torn read fails zlib's checksum and is a
+# cache miss (a warning and a recompile), and two writers of one key each write the whole
+# compressed entry from offset 0, which decompresses whole (zlib ignores trailing bytes).
+ATT_MODELS = frozenset({"att_clean_workdir", "att_mask_workdir", "att_fsm_workdir", "att_searched_mask"})
+
+
+def _shared_fixture_group(item: pytest.Item) -> str | None:
+    names = set(getattr(item, "fixturenames", ()))
+    if names & ATT_MODELS:
+        return "att_models"
+    definitions = getattr(item, "_fixtureinfo", None)
+    if definitions is not None and any(defs[-1].scope == "module" for name, defs in
+                                       definitions.name2fixturedefs.items() if name in names and defs):
+        return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _shared_fixture_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if hasattr(config, "workerinput"):  # an xdist worker: the long tests first, so none is left last
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """xdist sends a test to its group by writing the group into the node id; with pytest 9.2 that
+    write is lost (pytest-xdist issue 1386): the tests still pass, but every group is split over the
+    workers and its fixtures are built on each, so CI runs minutes longer. Said, not silent."""
+    if not session.config.getoption("loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        message = (f"--dist loadgroup did not group {lost[0]} and {len(lost) - 1} more tests: pytest "
+                   f"{pytest.__version__} loses xdist's groups, so shared fixtures are built once per worker "
+                   "(the test extra pins pytest<9.2)")
+        warnings.warn(pytest.PytestWarning(message), stacklevel=1)
 
 
 def _shared_path(variable: str) -> Path:
