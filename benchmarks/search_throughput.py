@@ -13,15 +13,15 @@ from __future__ import annotations
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdesens import parallel
+from jaxdesens.jobs.search import IMAGES_PER_IDENTITY
 from jaxdesens.masks.freeform import StrokeRanges
 from jaxdesens.models import ResNet, conv
 from jaxdesens.models.functional import fold_batchnorm, forward
 from jaxdesens.saliency.ebp import saliency_maps
 from jaxdesens.saliency.occlusion import default_patch, occlusion_maps, patch_masks
-from jaxdesens.search import make_candidates, pair_indices, score_masks
+from jaxdesens.search import make_candidates, score_masks, scoring_targets
 
 STAGES = ("scoring", "generation", "ebp", "occlusion")  # ebp includes the plain forward it is compared with
 
@@ -32,7 +32,7 @@ def scoring_rows(args, folded, images, labels, template, ranges, key) -> list[di
     dtype_name = jnp.dtype(folded["stem"]["w"].dtype).name
     mesh = parallel.make_mesh(jax.local_devices())
     gamma, floor = jnp.float32(1.0), jnp.float32(0.0)
-    targets = labels if args.objective == "ce" else pair_indices(np.asarray(labels))
+    targets = scoring_targets(labels, args.objective)
     folded, images, targets, gamma, floor = parallel.put_replicated((folded, images, targets, gamma, floor), mesh)
     for chunk in (int(c) for c in args.chunk.split(",")):
         masks, _ = make_candidates(key, jnp.arange(chunk), template, ranges)
@@ -120,7 +120,7 @@ def main() -> None:
     key = jax.random.key(1)
     images = jax.random.uniform(key, (args.batch_images, size, size, 3), dtype=jnp.float32).astype(dtype)
     labels = (jax.random.randint(key, (args.batch_images,), 0, args.classes) if args.objective == "ce"
-              else jnp.arange(args.batch_images) // max(1, min(4, args.batch_images // 2)))  # 4 per identity
+              else jnp.arange(args.batch_images) // max(1, min(IMAGES_PER_IDENTITY, args.batch_images // 2)))
     template = jnp.zeros((size, size), jnp.float32).at[size // 3: size // 2, size // 5: 4 * size // 5].set(1)
     ranges = StrokeRanges()
     rows = []

@@ -100,6 +100,11 @@ def pair_indices(labels: np.ndarray) -> PairIndices:
     return PairIndices(*(jnp.asarray(a, jnp.int32) for a in (left[same], right[same], left[~same], right[~same])))
 
 
+def scoring_targets(labels: np.ndarray, objective: str) -> jax.Array | PairIndices:
+    """What `score_masks` compares the masked images with: their labels, or their pairs."""
+    return jnp.asarray(labels, jnp.int32) if objective == "ce" else pair_indices(np.asarray(labels))
+
+
 def _cross_entropy(folded: Folded, images: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     logits = forward(folded, apply_mask(images, mask))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -223,8 +228,8 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
     x = jnp.asarray(images, jnp.float32)
     x = (x / 255.0 if images.dtype == np.uint8 else x).astype(dtype)
     gamma, min_ratio = jnp.float32(config.gamma), jnp.float32(config.min_ratio)
-    targets = jnp.asarray(labels, jnp.int32) if config.objective == "ce" else pair_indices(np.asarray(labels))
-    folded, x, y, gamma, min_ratio = parallel.put_replicated((folded, x, targets, gamma, min_ratio), mesh)
+    folded, x, targets, gamma, min_ratio = parallel.put_replicated(
+        (folded, x, scoring_targets(labels, config.objective), gamma, min_ratio), mesh)
     template_d = jnp.asarray(template, jnp.float32)
     n = config.n if candidates is None else len(candidates)
     chunk = config.chunk or mesh.size * auto_chunk(len(images), images.shape[1:], folded["stem"]["w"].shape[-1],
@@ -233,7 +238,7 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
     key = jax.random.key(config.seed)
     # Compiled ahead of time, so masks/s measures scoring and not compilation.
     masks_spec = jax.ShapeDtypeStruct((chunk, *template.shape), jnp.float32, sharding=spread)
-    scorer = score_masks.lower(folded, x, y, masks_spec, gamma, min_ratio, objective=config.objective).compile()
+    scorer = score_masks.lower(folded, x, targets, masks_spec, gamma, min_ratio, objective=config.objective).compile()
     loss = config.loss_name
     table = {"index": np.arange(n), "objective": np.full(n, np.inf, np.float32),
              loss: np.full(n, np.nan, np.float32), "ratio": np.zeros(n, np.float32)}
@@ -249,7 +254,7 @@ def search_mask(folded: Folded, images: np.ndarray, labels: np.ndarray, template
         nonlocal best, scoring_seconds, scored
         valid = len(indices)
         t0 = time.perf_counter()
-        scores = jax.device_get(scorer(folded, x, y, jax.device_put(masks, spread), gamma, min_ratio))
+        scores = jax.device_get(scorer(folded, x, targets, jax.device_put(masks, spread), gamma, min_ratio))
         scoring_seconds += time.perf_counter() - t0
         scored += valid
         table["objective"][indices] = scores["objective"][:valid]

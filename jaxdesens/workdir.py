@@ -148,6 +148,15 @@ class RunDirectory:
         write_json_atomic(self.path / name, values)
 
 
+def truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Keeps the lines of a JSON-lines record whose `key` is at most `last` (a resumed run drops
+    what it will compute again); creates the file empty if it is missing."""
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)[key] <= last]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def window_values(pending: list[dict[str, Any]], images: int, seconds: float) -> dict[str, float]:
     """A log window's line: each metric's mean over the window's steps, and images/s (every training loop)."""
     values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
@@ -167,11 +176,7 @@ class MetricsLog:
         self._file = self._tb = None
         if jax.process_index() != 0:  # a multi-host run: every process computes the same metrics
             return
-        kept = []
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.path, "step", start_step)
         self._file = open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter

@@ -63,6 +63,13 @@ class Participant:
         return f"{self.name} (node {self.node})"
 
 
+def reply_failure(reply: proto.Reply | None) -> str | None:
+    """Why a client's reply carries no payload (None when it does)."""
+    if reply is None:
+        return "no reply"
+    return None if reply.payload is not None else proto.error_text(reply.error)
+
+
 class Coordinator:
     def __init__(self, setup: ServerSetup, workdir: str | Path, options: ServerOptions, transport: Transport, *,
                  stop_after: int | None = None, log: Callable[[str], None] = print):
@@ -100,8 +107,8 @@ class Coordinator:
         failures = {}
         for node in nodes:
             reply = replies.get(node)
-            if reply is None or reply.payload is None:
-                failures[node] = proto.error_text(reply.error) if reply is not None else "no reply"
+            if (why := reply_failure(reply)) is not None:
+                failures[node] = why
                 continue
             c = reply.payload.config
             p = Participant(node, str(c["name"]), int(c["partition"]), json.loads(str(c["digests"])),
@@ -212,8 +219,8 @@ class Coordinator:
         uploads, failures = [], {}
         for node, participant in sorted(self.participants.items()):
             reply = replies.get(node)
-            if reply is None or reply.payload is None:
-                failures[node] = proto.error_text(reply.error) if reply is not None else "no reply"
+            if (why := reply_failure(reply)) is not None:
+                failures[node] = why
                 continue
             arrays = reply.payload.arrays
             if len(arrays) != len(sent) or any(a.shape != s.shape for a, s in zip(arrays, sent)):
@@ -231,8 +238,8 @@ class Coordinator:
         results, failures = {}, {}
         for node, participant in self.participants.items():
             reply = replies.get(node)
-            if reply is None or reply.payload is None:
-                failures[node] = proto.error_text(reply.error) if reply is not None else "no reply"
+            if (why := reply_failure(reply)) is not None:
+                failures[node] = why
                 continue
             m = reply.payload.metrics
             results[participant.name] = {"accuracy": m["eval_accuracy"], "loss": m["eval_loss"],

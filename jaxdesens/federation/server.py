@@ -27,7 +27,7 @@ from jaxdesens.federation.config import FederatedConfig
 from jaxdesens.recognizer import Recognizer, network_inputs
 from jaxdesens.state import build_model, initial_local_state, initial_variables, make_optimizer
 from jaxdesens.train import MaskSource, load_data, mask_fingerprint, mask_source_for
-from jaxdesens.workdir import RunDirectory, write_json_atomic
+from jaxdesens.workdir import RunDirectory, truncate_jsonl, write_json_atomic
 
 
 @dataclasses.dataclass
@@ -134,11 +134,7 @@ class RoundLog:
         self.path = workdir / "rounds.jsonl"
         self.clients_path = workdir / "clients.jsonl"
         for path in (self.path, self.clients_path):
-            kept = []
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["round"] <= start_round]
-            path.write_text("".join(line + "\n" for line in kept))
+            truncate_jsonl(path, "round", start_round)
         self.last: dict[str, Any] | None = None
 
     def record(self, round_index: int, global_vars: dict[str, Any], train: dict[str, float],

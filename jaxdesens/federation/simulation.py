@@ -46,10 +46,9 @@ from jaxdesens.federation.server import (
     checkpoint_template,
     claim,
     finish_global,
-    run_keys,
+    prepare_server,
     weighted_metrics,
 )
-from jaxdesens.train import load_data, mask_source_for
 from jaxdesens.workdir import RunDirectory
 
 CLIENT_AXIS = "clients"
@@ -75,17 +74,14 @@ class Simulation:
 def prepare(config: TrainConfig, fed: FederatedConfig, federation_key: str | None = None,
             progress: bool = False) -> Simulation:
     """Data, split, parts and masks; the head's rows ordered by the clients' identity digests."""
-    dataset = load_data(config, progress=progress)
-    train_set, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
+    server = prepare_server(config, fed, progress=progress)
+    train_set, _ = split_identities(server.dataset, config.holdout, seed=config.split_seed)
     parts = fdata.partition(train_set, fed, config.batch_size)  # on the folder's labels, as each client does
     rows = head_order(train_set.names, read_key(federation_key))
     names = [""] * len(rows)
     for name, row in zip(train_set.names, rows):
         names[row] = name
     train_set = dataclasses.replace(train_set, labels=rows[train_set.labels], names=tuple(names))
-    init_key, mask_key, step_key = run_keys(config)
-    masks, note = mask_source_for(config, dataset, mask_key)
-    server = ServerSetup(config, fed, dataset, held_out, masks, note, init_key, step_key)
     return Simulation(server, train_set, parts)
 
 
