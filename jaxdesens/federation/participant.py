@@ -78,6 +78,23 @@ def _compiled(config: TrainConfig, fed: FederatedConfig, num_classes: int):
     return model, mesh, update, evaluate
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundContext:
+    """Everything a training or evaluation message needs, rebuilt from the message."""
+
+    config: TrainConfig
+    fed: FederatedConfig
+    masks: MaskSource
+    part: IdentitySet  # this client's images, relabelled to the run's classes
+    update: Callable
+    evaluate: Callable
+    mesh: jax.sharding.Mesh
+    global_vars: dict[str, Any]
+    index: int  # this client's index in the run's key derivation
+    step_key: jax.Array
+    store: RunDirectory
+
+
 class Client:
     def __init__(self, settings: NodeSettings, log: Callable[[str], None] = print):
         self.settings, self.log = settings, log
@@ -125,8 +142,7 @@ class Client:
                                      "digests": json.dumps(fdata.digests_of(share, self._key())),
                                      "examples": len(share)})
 
-    def _model(self, payload: proto.Payload):
-        """Everything a training or evaluation message needs, rebuilt from the message."""
+    def _context(self, payload: proto.Payload) -> RoundContext:
         config, fed, masks, share = self._run(payload)
         num_classes = int(payload.config["num_classes"])
         part = fdata.relabel(share, self._key(), proto.decode_rows(str(payload.config["rows"])), num_classes,
@@ -142,24 +158,22 @@ class Client:
         global_vars = fedbn.fill_shared(template, flags, [a.astype(b.dtype) for a, b in zip(leaves, expected)])
         index = fdata.client_index(self.settings.partition, share)
         store = self._store(config, fed, share, str(payload.config["masks_digest"]))
-        return config, fed, masks, part, update, evaluate, mesh, global_vars, index, step_key, store
+        return RoundContext(config, fed, masks, part, update, evaluate, mesh, global_vars, index, step_key, store)
 
-    def _local_state(self, store: RunDirectory, fed: FederatedConfig, config: TrainConfig, global_vars,
-                     round_index: int) -> dict[str, Any]:
+    def _local_state(self, c: RoundContext, round_index: int) -> dict[str, Any]:
         """The client's state after `round_index` (0: the initial one) from its workdir."""
-        tx = make_optimizer(fed.train_config(config))
-        initial = initial_local_state(global_vars, tx)
-        if not fed.stateful_clients() or round_index == 0:
+        initial = initial_local_state(c.global_vars, make_optimizer(c.fed.train_config(c.config)))
+        if not c.fed.stateful_clients() or round_index == 0:
             return initial
-        if round_index in store.manager.all_steps():
+        if round_index in c.store.manager.all_steps():
             import orbax.checkpoint as ocp
 
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=device),
                                     initial)
-            return store.manager.restore(round_index, args=ocp.args.StandardRestore(template))
-        self.log(f"{self.name}: WARNING no local state of round {round_index} in {store.path} (bn={fed.bn}, "
-                 f"client_optimizer={fed.client_optimizer}); starting from the global model")
+            return c.store.manager.restore(round_index, args=ocp.args.StandardRestore(template))
+        self.log(f"{self.name}: WARNING no local state of round {round_index} in {c.store.path} (bn={c.fed.bn}, "
+                 f"client_optimizer={c.fed.client_optimizer}); starting from the global model")
         return initial
 
     def _store(self, config: TrainConfig, fed: FederatedConfig, share: IdentitySet, masks_digest: str) -> RunDirectory:
@@ -168,46 +182,45 @@ class Client:
                     engine="flower-client", partition=self.settings.partition, masks_digest=masks_digest)
         return store
 
-    def _evaluate(self, evaluate, global_vars, local, part, fed, index, config, masks) -> dict[str, float]:
-        data = fdata.eval_set(part, fed, index, config.seed)
-        result = jax.device_get(evaluate(global_vars, local, data, masks))
+    @staticmethod
+    def _evaluate(c: RoundContext, local: dict[str, Any]) -> dict[str, float]:
+        data = fdata.eval_set(c.part, c.fed, c.index, c.config.seed)
+        result = jax.device_get(c.evaluate(c.global_vars, local, data, c.masks))
         return {"eval_loss": float(result["loss"]), "eval_accuracy": float(result["accuracy"]),
-                "eval_images": float(min(fed.eval_images, len(part)))}
+                "eval_images": float(min(c.fed.eval_images, len(c.part)))}
 
     def train(self, payload: proto.Payload) -> proto.Payload:
         began = time.perf_counter()
         round_index = int(payload.config["round"])
-        (config, fed, masks, part, update, evaluate, mesh, global_vars, index, step_key,
-         store) = self._model(payload)
-        local = self._local_state(store, fed, config, global_vars, round_index - 1)
-        evaluation = self._evaluate(evaluate, global_vars, local, part, fed, index, config, masks)
-        if len(part) < config.batch_size:
-            raise DataError(f"{self.name}: {len(part)} images of identities in the run's head, fewer than "
-                            f"--batch_size={config.batch_size}")
-        batches = fdata.round_batches(part, config, fed, index, round_index - 1)
-        batches = jax.device_put(batches, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        c = self._context(payload)
+        local = self._local_state(c, round_index - 1)
+        evaluation = self._evaluate(c, local)
+        if len(c.part) < c.config.batch_size:
+            raise DataError(f"{self.name}: {len(c.part)} images of identities in the run's head, fewer than "
+                            f"--batch_size={c.config.batch_size}")
+        batches = fdata.round_batches(c.part, c.config, c.fed, c.index, round_index - 1)
+        batches = jax.device_put(batches, jax.sharding.NamedSharding(c.mesh, jax.sharding.PartitionSpec(
             None, parallel.DATA_AXIS)))
-        key = client_keys(step_key, [index])[0]
-        trained, local, metrics = update(global_vars, local, batches, masks, key,
-                                         np.int32((round_index - 1) * fed.local_steps))
+        key = client_keys(c.step_key, [c.index])[0]
+        trained, local, metrics = c.update(c.global_vars, local, batches, c.masks, key,
+                                           np.int32((round_index - 1) * c.fed.local_steps))
         trained, metrics = jax.device_get((trained, metrics))
-        if fed.stateful_clients():
-            store.save(round_index, local)
-            store.wait()
-        flags = fedbn.local_flags(trained, fed.bn)
+        if c.fed.stateful_clients():
+            c.store.save(round_index, local)
+            c.store.wait()
+        flags = fedbn.local_flags(trained, c.fed.bn)
         seconds = time.perf_counter() - began
         self.log(f"{self.name}: round {round_index} loss {float(metrics['loss']):.4f} ({seconds:.1f} s)")
         return proto.Payload(arrays=[np.asarray(x) for x in fedbn.shared_leaves(trained, flags)],
                              config={"name": self.name, "partition": self.settings.partition},
-                             metrics={"examples": float(len(part)), "loss": float(metrics["loss"]),
+                             metrics={"examples": float(len(c.part)), "loss": float(metrics["loss"]),
                                       "accuracy": float(metrics["accuracy"]), "seconds": seconds, **evaluation})
 
     def evaluate(self, payload: proto.Payload) -> proto.Payload:
         round_index = int(payload.config["round"])
-        (config, fed, masks, part, _, evaluate, _, global_vars, index, _, store) = self._model(payload)
-        local = self._local_state(store, fed, config, global_vars, round_index)
-        evaluation = self._evaluate(evaluate, global_vars, local, part, fed, index, config, masks)
+        c = self._context(payload)
+        evaluation = self._evaluate(c, self._local_state(c, round_index))
         if payload.config.get("final"):
             write_json_atomic(Path(self.settings.workdir) / FINISHED, {"round": round_index, **evaluation})
         return proto.Payload(config={"name": self.name, "partition": self.settings.partition},
-                             metrics={"examples": float(len(part)), **evaluation})
+                             metrics={"examples": float(len(c.part)), **evaluation})
