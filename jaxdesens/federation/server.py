@@ -60,17 +60,21 @@ def run_keys(config: TrainConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     return init_key, mask_key, step_key
 
 
-def prepare_server(config: TrainConfig, fed: FederatedConfig, eval_data: str | None = None,
-                   progress: bool = False) -> ServerSetup:
+def server_setup(config: TrainConfig, fed: FederatedConfig, dataset: IdentitySet, held_out: IdentitySet) -> ServerSetup:
+    """The run's keys and masks, derived from the config and the data the server read."""
     init_key, mask_key, step_key = run_keys(config)
-    if eval_data is not None:
-        dataset = load_dataset(eval_data, config.image_size, config.channels, progress=progress)
-        held_out = dataset
-    else:
-        dataset = load_data(config, progress=progress)
-        _, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
     masks, note = mask_source_for(config, dataset, mask_key)
     return ServerSetup(config, fed, dataset, held_out, masks, note, init_key, step_key)
+
+
+def prepare_server(config: TrainConfig, fed: FederatedConfig, eval_data: str | None = None,
+                   progress: bool = False) -> ServerSetup:
+    if eval_data is not None:
+        dataset = load_dataset(eval_data, config.image_size, config.channels, progress=progress)
+        return server_setup(config, fed, dataset, dataset)
+    dataset = load_data(config, progress=progress)
+    _, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
+    return server_setup(config, fed, dataset, held_out)
 
 
 def claim(run: RunDirectory, setup: ServerSetup, engine: str, num_classes: int, **identity: Any) -> None:

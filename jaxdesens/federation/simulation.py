@@ -46,9 +46,10 @@ from jaxdesens.federation.server import (
     checkpoint_template,
     claim,
     finish_global,
-    prepare_server,
+    server_setup,
     weighted_metrics,
 )
+from jaxdesens.train import load_data
 from jaxdesens.workdir import RunDirectory
 
 CLIENT_AXIS = "clients"
@@ -74,8 +75,9 @@ class Simulation:
 def prepare(config: TrainConfig, fed: FederatedConfig, federation_key: str | None = None,
             progress: bool = False) -> Simulation:
     """Data, split, parts and masks; the head's rows ordered by the clients' identity digests."""
-    server = prepare_server(config, fed, progress=progress)
-    train_set, _ = split_identities(server.dataset, config.holdout, seed=config.split_seed)
+    dataset = load_data(config, progress=progress)
+    train_set, held_out = split_identities(dataset, config.holdout, seed=config.split_seed)
+    server = server_setup(config, fed, dataset, held_out)
     parts = fdata.partition(train_set, fed, config.batch_size)  # on the folder's labels, as each client does
     rows = head_order(train_set.names, read_key(federation_key))
     names = [""] * len(rows)
