@@ -1,4 +1,5 @@
-"""Shared test set-up: persistent compile cache, absl flags for grain, real-data fixtures.
+"""Shared test set-up: compile level and persistent compile cache, absl flags for grain, xdist
+groups, real-data fixtures.
 
 Real data is found through environment variables that `.ci/run` sets:
 `JAXDESENS_ATT_DIR` (AT&T faces) and `JAXDESENS_LFW_PAIRS` (LFW pairs.txt). A test that needs
