@@ -491,6 +491,7 @@ def test_cli_reports_mismatched_checkpoints_clearly(tiny, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_att_end_to_end_every_table(att_clean_workdir, att_mask_workdir, att_fsm_workdir, att_searched_mask,
                                     tmp_path):
     """The paper's orderings on AT&T's held-out identities, with margins set from two measured runs

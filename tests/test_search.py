@@ -158,6 +158,7 @@ def test_balanced_sample_covers_identities_first():
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_search_on_att_hides_most_and_beats_random_masks(att_clean_workdir, att_dir, tmp_path):
     out = tmp_path / "search"
     job = SearchJob(checkpoint=str(att_clean_workdir), out=str(out), n=256, K=64, T=0.6, batch_images=64, seed=0)

@@ -108,6 +108,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_short_att_training_beats_chance_on_held_out_identities(att_dir, tmp_path):
     config = TrainConfig(model="resnet", data=str(att_dir), steps=150, width=0.25, image_size=48, batch_size=50,
                          log_every=50, checkpoint_every=150)
