@@ -67,7 +67,7 @@ class SearchJob:
     level: int = -1
     bf16: bool = False
     evaluate: bool = True
-    random_repeats: int = 16  # enough masks for their std to be a usable yardstick (5 give it +-35%)
+    random_repeats: int = 5
 
     def __post_init__(self):
         if not self.checkpoint:
