@@ -55,6 +55,8 @@ def _shared_fixture_group(item: pytest.Item) -> str | None:
     names = set(getattr(item, "fixturenames", ()))
     if names & ATT_MODELS:
         return "att_models"
+    # pytest has no public way to ask a fixture's scope from an item; without this private
+    # attribute the module groups are simply not made (slower, not wrong).
     definitions = getattr(item, "_fixtureinfo", None)
     if definitions is not None and any(defs[-1].scope == "module" for name, defs in
                                        definitions.name2fixturedefs.items() if name in names and defs):
@@ -106,13 +108,8 @@ def _compile_level(item: pytest.Item):
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item):
-    with _compile_level(item):
-        return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Setup, call and teardown of one test, in this process, under its compile level."""
     with _compile_level(item):
         return (yield)
 
