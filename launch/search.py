@@ -1,7 +1,7 @@
 """Search a desensitization mask (Algorithm 1) with a clean recognizer's checkpoint.
 
     python launch/search.py --checkpoint=WORKDIR [--data=DIR] --n=2000 --T=0.5 --K=64 \
-        --gamma=1.0 --batch_images=32 --out=DIR --seed=0 [--objective=ce|verification]
+        --out=DIR --seed=0 [--objective=verification|ce] [--gamma=G] [--batch_images=B]
 
 Builds the EBP template S from K training images (or from occlusion sensitivity with
 --saliency=occlusion), measures how faithful it is to occlusion, scores n free-form candidates
@@ -27,10 +27,11 @@ HELP = {
     "K": "images averaged into the mean saliency map",
     "gamma": "weight of the mask ratio in the objective (default: the loss at chance, ln(number of classes) for "
              "ce, 0.5 for verification)",
-    "objective": "what a candidate must keep: ce (the paper's: the classifier's cross-entropy on the masked images) "
-                 "or verification (the pair error of the masked images' embeddings, same identity against not; "
-                 "it predicts held-out verification, see the README)",
-    "batch_images": "labelled images B each candidate is scored on (verification: 4 per identity; 128 recommended)",
+    "objective": "what a candidate must keep: verification (the default: the pair error of the masked images' "
+                 "embeddings, same identity against not; it predicts held-out verification and hides more, see the "
+                 "README) or ce (the paper's: the classifier's cross-entropy on the masked images)",
+    "batch_images": "labelled images B each candidate is scored on (default: 128 for verification, 4 per identity; "
+                    "32 for ce)",
     "chunk": "masks per vmapped scoring call, split over the devices (0 = 32 per CPU device, or from each "
              "accelerator's memory)",
     "without_ebp": "ablation: no template (S empty)",

@@ -39,8 +39,10 @@ from jaxdesens.data.splits import held_out_indices
 from jaxdesens.data.synthetic import SyntheticConfig
 from jaxdesens.masks.ops import apply_mask, mask_ratio
 from jaxdesens.paths import is_inside
+from jaxdesens.search import OBJECTIVES
 from jaxdesens.workdir import write_json_atomic
 
+LOSS_NAMES = {"ce": "CE", "verification": "pair error"}  # the search objective's loss term, in the report
 # What every CPU preset trains with: TrainConfig's defaults where the pipeline agrees with them
 # (64 px and lr 0.01: at 48 px or lr 0.1 the EBP template drifts off the face; README, "Search").
 CPU_TRAIN = TrainConfig(steps=300, holdout=0.2, synthetic_identities=64, synthetic_images_per_identity=10)
@@ -60,7 +62,7 @@ class Preset:
     search_n: int = 256
     K: int = 32
     T: float = 0.5
-    batch_images: int = 32
+    batch_images: int | None = None  # the search's default for its objective
     min_ratio: float = 0.6
     repeats: int = 2
     baseline_n: int = 32
@@ -341,8 +343,9 @@ def run_pipeline(job: PipelineJob, progress: bool = True, log: Callable[[str], N
 
     report = {"command": command or shlex.join(["python", "launch/pipeline.py"]), "job": dataclasses.asdict(job),
               "preset": dataclasses.asdict(p), "split": split, "training": {"clean": clean, **trained},
-              "search": {k: search[k] for k in ("objective", "ce", "ratio", "template_kept", "masks_per_s")
-                         if k in search},
+              "search": {"loss": search["settings"]["objective"], "scoring_images": search["scoring_images"],
+                         **{k: search[k] for k in ("objective", "ce", "pair_error", "ratio", "template_kept",
+                                                   "masks_per_s") if k in search}},
               "faithfulness": {k: v for k, v in search.get("faithfulness", {}).items() if not k.endswith("_curve")},
               "privacy": privacy, "privacy_audit": audit, "ablations": ablations, "seconds": timings}
     write_json_atomic(root / "report.json", report)
@@ -407,12 +410,13 @@ def render(report: dict[str, Any], evaluation_md: str) -> str:
              f"{split['test_identities']} kept back as the test set (no model trained on them)",
              f"- preset `{report['job']['preset']}`: ResNet-{t['depth']} width {t['width']}, {t['image_size']} px, "
              f"{t['steps']} steps of {t['batch_size']}, lr {t['lr']}; search n={p['search_n']}, K={p['K']}, "
-             f"T={p['T']}, B={p['batch_images']}, min ratio {p['min_ratio']}", "",
+             f"T={p['T']}, B={report['search']['scoring_images']}, min ratio {p['min_ratio']}", "",
              "## Stages (seconds)", "", "| stage | s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     s = report["search"]
     lines += ["", "## Searched mask", "",
-              f"Objective {s['objective']:.3f} (CE {s['ce']:.3f}), hides {_pct(s['ratio'])}; the template keeps "
+              f"Objective {s['objective']:.3f} ({LOSS_NAMES[s['loss']]} {s[OBJECTIVES[s['loss']]]:.3f}), hides "
+              f"{_pct(s['ratio'])}; the template keeps "
               f"{_pct(s['template_kept'])}.", "", *faithfulness_lines(report["faithfulness"]),
               *privacy_lines(report["privacy"]), "", *summary_lines(report.get("privacy_audit")),
               "## Ablation: search without EBP (paper Table 6)", "",
